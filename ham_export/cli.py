@@ -1,0 +1,145 @@
+"""The ``ham-export`` command line. Commands only parse options, call the library and print.
+
+Exit codes: 0 success; 1 a check or budget that failed; 2 bad usage or input (a missing or broken file, a bad
+option value). A user's mistake prints one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import HamError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a HamError into its message on stderr and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HamError as exc:
+            err.print(f"[bold red]error:[/] {exc}")
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ham-export")
+def main() -> None:
+    """Export, check and measure HAM (Hybrid Associative Memory) models."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@_user_errors
+def inspect(model: str, as_json: bool) -> None:
+    """Show a model's config, size, router, thresholds and state bytes per dtype."""
+    from . import checkpoint
+    from .memory import byte_table
+
+    ckpt = checkpoint.load(model)
+    cfg = ckpt.config
+    info = {
+        "path": str(ckpt.path),
+        "config": cfg.to_dict(),
+        "parameters": ckpt.model.num_parameters(),
+        "router": cfg.router,
+        "thresholds": list(cfg.thresholds),
+        "bytes": byte_table(cfg, ckpt.model.num_parameters()),
+        "metadata": ckpt.metadata,
+    }
+    if as_json:
+        _emit_json(info)
+        return
+    table = Table(title=f"{ckpt.path}: HAM model, {info['parameters']:,} parameters")
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in cfg.to_dict().items():
+        if key != "thresholds":
+            table.add_row(key, str(value))
+    table.add_row("thresholds (per layer)", ", ".join(f"{t:.4f}" for t in cfg.thresholds))
+    out.print(table)
+    sizes = Table(title="bytes (per sequence for state; per cached token for KV)")
+    for column in ("dtype", "weights", "fixed state / seq", "KV / cached token", "KV / token / layer"):
+        sizes.add_column(column, justify="right")
+    for dtype, row in info["bytes"].items():
+        sizes.add_row(dtype, f"{row['weights']:,}", f"{row['fixed_state_per_sequence']:,}",
+                      f"{row['kv_per_cached_token']:,}", f"{row['kv_per_cached_token_per_layer']:,}")
+    out.print(sizes)
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--data", type=click.Path(path_type=str), default=None,
+              help="Text file to score (default: the held-out pydoc topics the bundled models never saw).")
+@click.option("--threshold", "thresholds", type=float, multiple=True,
+              help="A threshold for every layer; repeat for several. Default: the model's own, per layer.")
+@click.option("--window", type=click.IntRange(min=1), default=None,
+              help="Bytes per evaluation window (default: the model's training context).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_user_errors
+def eval_(model: str, data: str | None, thresholds: tuple[float, ...], window: int | None, as_json: bool) -> None:
+    """Held-out bits per byte and cached fraction per layer at each threshold."""
+    from rich.progress import Progress
+
+    from . import checkpoint
+    from .data import pydoc_corpus, read_text_file
+    from .errors import InputError
+    from .evaluate import evaluate
+
+    bad = [t for t in thresholds if not math.isfinite(t)]
+    if bad:
+        raise InputError(f"--threshold must be a finite number, got {bad[0]}")
+    ckpt = checkpoint.load(model)
+    if data is None:
+        corpus = pydoc_corpus()
+        text = corpus.held_out
+        expected = ckpt.metadata.get("held_out_sha256")
+        if expected and expected != corpus.held_out_sha256:
+            err.print("[yellow]warning:[/] this Python's pydoc topics differ from the ones the model was trained "
+                      "with; the held-out text is not the same")
+        source = "held-out pydoc topics"
+    else:
+        text = read_text_file(data)
+        source = data
+    settings: list[float | None] = list(thresholds) or [None]
+    window = window or ckpt.config.context_length
+    n_windows = -(-(len(text) - 1) // window)
+    with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
+        task = bar.add_task("evaluating", total=n_windows * len(settings))
+        rows = evaluate(ckpt.model, text, settings, window, progress=lambda n: bar.advance(task, n))
+    if as_json:
+        _emit_json({"model": str(ckpt.path), "data": source, "window": window, "rows": [r.to_dict() for r in rows]})
+        return
+    table = Table(title=f"{ckpt.path} on {source} ({rows[0].tokens:,} bytes, windows of {window})")
+    for column in ("threshold", "bits/byte", "KV fraction", "per layer"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        label = (f"{row.threshold:g}" if isinstance(row.threshold, float)
+                 else "model: " + ", ".join(f"{t:.3f}" for t in row.threshold))
+        table.add_row(label, f"{row.bits_per_byte:.4f}", f"{row.kv_fraction:.3f}",
+                      " ".join(f"{f:.2f}" for f in row.kv_fraction_per_layer))
+    out.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""The HAM language model in plain PyTorch (the fp32 reference).
+
+A HAM layer runs a Gated DeltaNet (GDN) over the sequence and keeps in a KV cache only the tokens the GDN predicts
+badly; softmax attention reads that cache, and head-wise gates mix the two read-outs. Each layer comes in three
+forms that agree with each other (see ``tests/test_model.py``):
+
+- :meth:`HAMLayer.forward`: the parallel form for training (chunked GDN, attention masked to routed keys);
+- :meth:`HAMLayer.prefill`: a prompt from an explicit state (chunked GDN, cache append, cache attention);
+- :meth:`HAMLayer.step`: one token from an explicit state (recurrent GDN step, cache append, cache attention).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference as ref
+from .config import HAMConfig
+from .errors import InputError
+
+
+class LayerState(NamedTuple):
+    """The decoding state of one HAM layer for a batch of B sequences.
+
+    ssm: [B, H, K, V] GDN state; conv: [B, W-1, D] last pre-conv rows; k_cache: [B, H, C, K];
+    v_cache: [B, H, C, V]; length: [B] int64 valid cache entries. C is the cache capacity.
+    """
+
+    ssm: torch.Tensor
+    conv: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    length: torch.Tensor
+
+
+class RouteInfo(NamedTuple):
+    """Per layer, what the router did: score [B, T] (e or p), routed [B, T] bool (score >= tau)."""
+
+    score: torch.Tensor
+    routed: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ref.rms_norm(x, self.weight, self.eps)
+
+
+class HAMLayer(nn.Module):
+    """One HAM mixer: GDN + routed KV cache + softmax attention + gated combine.
+
+    Its input is the block's pre-normed hidden state [B, T, d_model]; ``tau`` is a 0-dim tensor.
+    """
+
+    def __init__(self, cfg: HAMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, dk, dv, d = cfg.n_heads, cfg.head_dim, cfg.head_dim_v, cfg.d_model
+        self.qkv = nn.Linear(d, cfg.qkv_channels, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(cfg.qkv_channels, cfg.conv_width))
+        self.beta_proj = nn.Linear(d, h, bias=False)
+        self.decay_proj = nn.Linear(d, h, bias=False)
+        self.A_log = nn.Parameter(torch.empty(h))
+        self.dt_bias = nn.Parameter(torch.empty(h))
+        self.attn_scale = nn.Parameter(torch.full((h,), 8.0))
+        self.gate_rnn = nn.Linear(d, h, bias=False)
+        self.gate_kv = nn.Linear(d, h, bias=False)
+        self.norm_rnn = RMSNorm(dv, cfg.norm_eps)
+        self.norm_kv = RMSNorm(dv, cfg.norm_eps)
+        self.out = nn.Linear(h * dv, d, bias=False)
+        self.router = (nn.Sequential(nn.Linear(d, cfg.router_hidden), nn.SiLU(), nn.Linear(cfg.router_hidden, 1))
+                       if cfg.router == "learned" else None)
+        self._split = (h * dk, h * dk, h * dv)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        bound = 1.0 / math.sqrt(self.cfg.conv_width)
+        self.conv_weight.uniform_(-bound, bound, generator=generator)
+        h = self.cfg.n_heads
+        self.A_log.copy_(torch.empty(h).uniform_(1.0, 16.0, generator=generator).log())
+        dt = torch.empty(h).uniform_(math.log(1e-3), math.log(1e-1), generator=generator).exp()
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.attn_scale.fill_(8.0)
+
+    # -- the pieces shared by the three forms -----------------------------------------------------------------
+
+    def _project(self, x: torch.Tensor, conv_tail: torch.Tensor):
+        """x [B, T, d] -> q, k [B, T, H, K], v [B, T, H, V], g, beta [B, T, H], new conv tail."""
+        b, t, _ = x.shape
+        h = self.cfg.n_heads
+        mixed, new_tail = ref.causal_conv(self.qkv(x), conv_tail, self.conv_weight)
+        q, k, v = F.silu(mixed).split(self._split, dim=-1)
+        q = ref.l2_normalize(q.reshape(b, t, h, -1))
+        k = ref.l2_normalize(k.reshape(b, t, h, -1))
+        v = v.reshape(b, t, h, -1)
+        beta = torch.sigmoid(self.beta_proj(x))
+        g = -self.A_log.exp() * F.softplus(self.decay_proj(x) + self.dt_bias)
+        return q, k, v, g, beta, new_tail
+
+    def _score(self, x: torch.Tensor, vhat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The router's score [B, T]: min over heads of 1 - cos(vhat, v), or the learned router's p."""
+        if self.router is None:
+            return ref.surprise(vhat, v).amin(-1)
+        return torch.sigmoid(self.router(x)).squeeze(-1)
+
+    def _combine(self, x: torch.Tensor, o_rnn: torch.Tensor, o_kv: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d], o_rnn and o_kv [B, T, H, V] -> [B, T, d]."""
+        mixed = (torch.sigmoid(self.gate_rnn(x))[..., None] * self.norm_rnn(o_rnn)
+                 + torch.sigmoid(self.gate_kv(x))[..., None] * self.norm_kv(o_kv))
+        return self.out(mixed.flatten(2))
+
+    def zero_conv_tail(self, batch: int, device=None, dtype=None) -> torch.Tensor:
+        return torch.zeros(batch, self.cfg.conv_width - 1, self.cfg.qkv_channels, device=device, dtype=dtype)
+
+    # -- the three forms --------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, tau: torch.Tensor, chunk_size: int = 64) -> tuple[torch.Tensor, RouteInfo]:
+        """Parallel form over whole sequences from an empty state: x [B, T, d] -> y [B, T, d], route info."""
+        b, t, _ = x.shape
+        cfg = self.cfg
+        q, k, v, g, beta, _ = self._project(x, self.zero_conv_tail(b, x.device, x.dtype))
+        state = x.new_zeros(b, cfg.n_heads, cfg.head_dim, cfg.head_dim_v)
+        o_rnn, vhat, _ = ref.gdn_chunked(q, k, v, g, beta, state, chunk_size)
+        score = self._score(x, vhat, v)
+        routed = ref.route(score, tau)
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril().expand(b, t, t)
+        qh, kh, vh = (z.transpose(1, 2) for z in (q, k, v))
+        if self.training and self.router is not None:
+            # Straight-through: the value is the hard route, the gradient reaches the router through p.
+            key_weight = routed.to(x.dtype) + score - score.detach()
+            o_kv = ref.routed_attention(qh, kh, vh, causal, self.attn_scale, key_weight)
+        else:
+            o_kv = ref.routed_attention(qh, kh, vh, causal & routed[:, None, :], self.attn_scale)
+        return self._combine(x, o_rnn, o_kv.transpose(1, 2)), RouteInfo(score, routed)
+
+    def prefill(self, x: torch.Tensor, state: LayerState, tau: torch.Tensor,
+                chunk_size: int = 64) -> tuple[torch.Tensor, LayerState, RouteInfo]:
+        """Prompt form: x [B, T, d] continuing from ``state`` -> y [B, T, d], new state, route info."""
+        return self._with_state(x, state, tau, lambda *a: ref.gdn_chunked(*a, chunk_size=chunk_size))
+
+    def step(self, x: torch.Tensor, state: LayerState, tau: torch.Tensor) -> tuple[torch.Tensor, LayerState, RouteInfo]:
+        """Decode form: x [B, d], one token per sequence -> y [B, d], new state, route info ([B, 1])."""
+        y, new_state, info = self._with_state(x[:, None], state, tau, ref.gdn_recurrent)
+        return y[:, 0], new_state, info
+
+    def _with_state(self, x, state: LayerState, tau, gdn) -> tuple[torch.Tensor, LayerState, RouteInfo]:
+        q, k, v, g, beta, conv = self._project(x, state.conv)
+        o_rnn, vhat, ssm = gdn(q, k, v, g, beta, state.ssm)
+        score = self._score(x, vhat, v)
+        routed = ref.route(score, tau)
+        qh, kh, vh = (z.transpose(1, 2) for z in (q, k, v))
+        k_cache, v_cache, length = ref.cache_append(state.k_cache, state.v_cache, state.length, kh, vh, routed)
+        valid = state.length[:, None] + routed.long().cumsum(1)
+        o_kv = ref.cache_attention(qh, k_cache, v_cache, valid, self.attn_scale)
+        y = self._combine(x, o_rnn, o_kv.transpose(1, 2))
+        return y, LayerState(ssm, conv, k_cache, v_cache, length), RouteInfo(score, routed)
+
+    def init_state(self, batch: int, capacity: int, device=None, dtype=torch.float32,
+                   fill: float = 0.0) -> LayerState:
+        """An empty state; ``fill`` sets the unused cache entries (tests poison them with NaN)."""
+        cfg = self.cfg
+        h = cfg.n_heads
+        return LayerState(
+            ssm=torch.zeros(batch, h, cfg.head_dim, cfg.head_dim_v, device=device, dtype=dtype),
+            conv=self.zero_conv_tail(batch, device, dtype),
+            k_cache=torch.full((batch, h, capacity, cfg.head_dim), fill, device=device, dtype=dtype),
+            v_cache=torch.full((batch, h, capacity, cfg.head_dim_v), fill, device=device, dtype=dtype),
+            length=torch.zeros(batch, dtype=torch.int64, device=device),
+        )
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, hidden, bias=False)
+        self.up = nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class HAMBlock(nn.Module):
+    """Pre-RMSNorm -> HAM mixer -> residual; pre-RMSNorm -> SwiGLU MLP -> residual."""
+
+    def __init__(self, cfg: HAMConfig) -> None:
+        super().__init__()
+        self.norm_mixer = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = HAMLayer(cfg)
+        self.norm_mlp = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+
+
+class HAMLM(nn.Module):
+    """A HAM language model: tied embedding, HAM blocks, final RMSNorm, LM head sharing the embedding.
+
+    The calibrated thresholds live in ``cfg.thresholds``; every call can override them with one value for all
+    layers or one per layer, without touching the weights.
+    """
+
+    def __init__(self, cfg: HAMConfig, seed: int | None = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(HAMBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm_out = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = 0) -> None:
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith(("mixer.out", "mlp.down")) else 0.02
+                module.weight.normal_(0.0, std, generator=gen)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, 0.02, generator=gen)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        for block in self.blocks:
+            block.mixer.reset_parameters(gen)
+
+    @property
+    def layers(self) -> list[HAMLayer]:
+        return [block.mixer for block in self.blocks]
+
+    def thresholds(self, override: float | Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+        """The per-layer thresholds [n_layers] (float32): the config's, or ``override`` (one value or one per layer)."""
+        values = self.cfg.thresholds if override is None else override
+        tau = torch.as_tensor(values, dtype=torch.float32).flatten()
+        n = self.cfg.n_layers
+        if tau.numel() == 1:
+            tau = tau.expand(n)
+        if tau.numel() != n:
+            raise InputError(f"got {tau.numel()} thresholds for a model with {n} layers; give one value or {n}")
+        if not bool(torch.isfinite(tau).all()):
+            raise InputError(f"thresholds must be finite numbers, got {tau.tolist()}")
+        return tau.to(self.embed.weight.device)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm_out(h), self.embed.weight)
+
+    def _check_tokens(self, tokens: torch.Tensor, dims: int) -> None:
+        if tokens.dim() != dims or tokens.dtype not in (torch.int32, torch.int64):
+            raise InputError(f"tokens must be an integer tensor with {dims} dims, got {tuple(tokens.shape)} "
+                             f"{tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
+            raise InputError(f"token ids must be in [0, {self.cfg.vocab_size})")
+
+    def forward(self, tokens: torch.Tensor, thresholds=None, chunk_size: int = 64
+                ) -> tuple[torch.Tensor, list[RouteInfo]]:
+        """Parallel form: tokens [B, T] -> logits [B, T, vocab], route info per layer."""
+        self._check_tokens(tokens, 2)
+        tau = self.thresholds(thresholds)
+        h = self.embed(tokens)
+        routes = []
+        for i, block in enumerate(self.blocks):
+            y, info = block.mixer(block.norm_mixer(h), tau[i], chunk_size)
+            h = h + y
+            h = h + block.mlp(block.norm_mlp(h))
+            routes.append(info)
+        return self._logits(h), routes
+
+    def init_state(self, batch: int, capacity: int, device=None, dtype=torch.float32,
+                   fill: float = 0.0) -> list[LayerState]:
+        """An empty decoding state for ``batch`` sequences with a KV cache of ``capacity`` entries per layer."""
+        if batch < 1 or capacity < 0:
+            raise InputError(f"need batch >= 1 and capacity >= 0, got batch={batch}, capacity={capacity}")
+        return [layer.init_state(batch, capacity, device, dtype, fill) for layer in self.layers]
+
+    def prefill(self, tokens: torch.Tensor, state: list[LayerState], thresholds=None, chunk_size: int = 64
+                ) -> tuple[torch.Tensor, list[LayerState], list[RouteInfo]]:
+        """Prompt form: tokens [B, T] from ``state`` -> logits [B, T, vocab], new state, route info per layer."""
+        self._check_tokens(tokens, 2)
+        tau = self.thresholds(thresholds)
+        h = self.embed(tokens)
+        new_state, routes = [], []
+        for i, block in enumerate(self.blocks):
+            y, s, info = block.mixer.prefill(block.norm_mixer(h), state[i], tau[i], chunk_size)
+            h = h + y
+            h = h + block.mlp(block.norm_mlp(h))
+            new_state.append(s)
+            routes.append(info)
+        return self._logits(h), new_state, routes
+
+    def step(self, tokens: torch.Tensor, state: list[LayerState], thresholds=None
+             ) -> tuple[torch.Tensor, list[LayerState], list[RouteInfo]]:
+        """Decode form: tokens [B] (one per sequence) -> logits [B, vocab], new state, route info per layer."""
+        self._check_tokens(tokens, 1)
+        tau = self.thresholds(thresholds)
+        h = self.embed(tokens)
+        new_state, routes = [], []
+        for i, block in enumerate(self.blocks):
+            y, s, info = block.mixer.step(block.norm_mixer(h), state[i], tau[i])
+            h = h + y
+            h = h + block.mlp(block.norm_mlp(h))
+            new_state.append(s)
+            routes.append(info)
+        return self._logits(h), new_state, routes
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def cached_fraction(routes: list[RouteInfo]) -> list[float]:
+    """The fraction of tokens routed into the cache, per layer."""
+    return [float(info.routed.float().mean()) for info in routes]

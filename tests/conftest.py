@@ -1,0 +1,36 @@
+"""Shared fixtures: small configs and models, seeded, that every test can afford on 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ham_export.config import HAMConfig
+from ham_export.model import HAMLM
+
+SMALL = dict(d_model=32, n_layers=2, n_heads=2, head_dim=8, head_dim_v=8, mlp_hidden=64, router_hidden=16,
+             context_length=64)
+
+
+def small_config(**overrides) -> HAMConfig:
+    return HAMConfig(**{**SMALL, **overrides})
+
+
+@pytest.fixture(params=["cosine", "learned"])
+def router(request) -> str:
+    return request.param
+
+
+def make_small_model(router: str = "cosine") -> HAMLM:
+    torch.manual_seed(0)
+    model = HAMLM(small_config(router=router), seed=0)
+    # Break the symmetry of a fresh init so that the layers route differently from each other.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture
+def small_model(router) -> HAMLM:
+    return make_small_model(router)
