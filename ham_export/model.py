@@ -19,30 +19,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from . import reference as ref
 from .config import HAMConfig
-from .errors import InputError
+from .errors import CacheFullError, InputError
+
+POLICIES = ("error", *ref.POLICIES)  # what a routed token does at a full cache; "error" is eager-only
 
 
 class LayerState(NamedTuple):
     """The decoding state of one HAM layer for a batch of B sequences.
 
     ssm: [B, H, K, V] GDN state; conv: [B, W-1, D] last pre-conv rows; k_cache: [B, H, C, K];
-    v_cache: [B, H, C, V]; length: [B] int64 valid cache entries. C is the cache capacity.
+    v_cache: [B, H, C, V]; score_cache: [B, C] router score of each entry; length: [B] int64 valid cache
+    entries. C is the cache capacity.
     """
 
     ssm: torch.Tensor
     conv: torch.Tensor
     k_cache: torch.Tensor
     v_cache: torch.Tensor
+    score_cache: torch.Tensor
     length: torch.Tensor
 
 
 class RouteInfo(NamedTuple):
-    """Per layer, what the router did: score [B, T] (e or p), routed [B, T] bool (score >= tau)."""
+    """Per layer, what the router did: score [B, T] (e or p), routed [B, T] bool (score >= tau), and in the
+    prefill and step forms overflow [B] int64, the routed tokens that found the cache full."""
 
     score: torch.Tensor
     routed: torch.Tensor
+    overflow: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -142,27 +149,38 @@ class HAMLayer(nn.Module):
             o_kv = ref.routed_attention(qh, kh, vh, causal & routed[:, None, :], self.attn_scale)
         return self._combine(x, o_rnn, o_kv.transpose(1, 2)), RouteInfo(score, routed)
 
-    def prefill(self, x: torch.Tensor, state: LayerState, tau: torch.Tensor,
-                chunk_size: int = 64) -> tuple[torch.Tensor, LayerState, RouteInfo]:
+    def prefill(self, x: torch.Tensor, state: LayerState, tau: torch.Tensor, policy: str = "error"
+                ) -> tuple[torch.Tensor, LayerState, RouteInfo]:
         """Prompt form: x [B, T, d] continuing from ``state`` -> y [B, T, d], new state, route info."""
-        return self._with_state(x, state, tau, lambda *a: ref.gdn_chunked(*a, chunk_size=chunk_size))
+        return self._with_state(x, state, tau, ops.gdn_prefill, policy)
 
-    def step(self, x: torch.Tensor, state: LayerState, tau: torch.Tensor) -> tuple[torch.Tensor, LayerState, RouteInfo]:
+    def step(self, x: torch.Tensor, state: LayerState, tau: torch.Tensor, policy: str = "error"
+             ) -> tuple[torch.Tensor, LayerState, RouteInfo]:
         """Decode form: x [B, d], one token per sequence -> y [B, d], new state, route info ([B, 1])."""
-        y, new_state, info = self._with_state(x[:, None], state, tau, ref.gdn_recurrent)
+        y, new_state, info = self._with_state(x[:, None], state, tau, ref.gdn_recurrent, policy)
         return y[:, 0], new_state, info
 
-    def _with_state(self, x, state: LayerState, tau, gdn) -> tuple[torch.Tensor, LayerState, RouteInfo]:
+    def _with_state(self, x, state: LayerState, tau, gdn, policy) -> tuple[torch.Tensor, LayerState, RouteInfo]:
+        """Within one call, attention sees the cache as it stood plus the call's routed tokens up to each query;
+        the call's routed tokens are stored at its end, under ``policy`` when they do not fit."""
+        if policy not in POLICIES:
+            raise InputError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         q, k, v, g, beta, conv = self._project(x, state.conv)
         o_rnn, vhat, ssm = gdn(q, k, v, g, beta, state.ssm)
         score = self._score(x, vhat, v)
         routed = ref.route(score, tau)
         qh, kh, vh = (z.transpose(1, 2) for z in (q, k, v))
-        k_cache, v_cache, length = ref.cache_append(state.k_cache, state.v_cache, state.length, kh, vh, routed)
-        valid = state.length[:, None] + routed.long().cumsum(1)
-        o_kv = ref.cache_attention(qh, k_cache, v_cache, valid, self.attn_scale)
+        o_kv = ops.cache_attention(qh, state.k_cache, state.v_cache, state.length, kh, vh, routed, self.attn_scale)
+        k_cache, v_cache, score_cache, length, overflow = ops.cache_append(
+            state.k_cache, state.v_cache, state.score_cache, state.length, kh, vh, score, routed,
+            "drop" if policy == "error" else policy)
+        if policy == "error" and bool((overflow > 0).any()):
+            raise CacheFullError(
+                f"the KV cache is full: capacity {state.k_cache.shape[2]}, a sequence needs "
+                f"{int((state.length + routed.sum(1)).max())} entries; allocate a larger state or choose an "
+                f"overflow policy (drop, evict)")
         y = self._combine(x, o_rnn, o_kv.transpose(1, 2))
-        return y, LayerState(ssm, conv, k_cache, v_cache, length), RouteInfo(score, routed)
+        return y, LayerState(ssm, conv, k_cache, v_cache, score_cache, length), RouteInfo(score, routed, overflow)
 
     def init_state(self, batch: int, capacity: int, device=None, dtype=torch.float32,
                    fill: float = 0.0) -> LayerState:
@@ -174,6 +192,7 @@ class HAMLayer(nn.Module):
             conv=self.zero_conv_tail(batch, device, dtype),
             k_cache=torch.full((batch, h, capacity, cfg.head_dim), fill, device=device, dtype=dtype),
             v_cache=torch.full((batch, h, capacity, cfg.head_dim_v), fill, device=device, dtype=dtype),
+            score_cache=torch.full((batch, capacity), fill, device=device, dtype=dtype),
             length=torch.zeros(batch, dtype=torch.int64, device=device),
         )
 
@@ -280,22 +299,26 @@ class HAMLM(nn.Module):
             raise InputError(f"need batch >= 1 and capacity >= 0, got batch={batch}, capacity={capacity}")
         return [layer.init_state(batch, capacity, device, dtype, fill) for layer in self.layers]
 
-    def prefill(self, tokens: torch.Tensor, state: list[LayerState], thresholds=None, chunk_size: int = 64
+    def prefill(self, tokens: torch.Tensor, state: list[LayerState], thresholds=None, policy: str = "error"
                 ) -> tuple[torch.Tensor, list[LayerState], list[RouteInfo]]:
-        """Prompt form: tokens [B, T] from ``state`` -> logits [B, T, vocab], new state, route info per layer."""
+        """Prompt form: tokens [B, T] from ``state`` -> logits [B, T, vocab], new state, route info per layer.
+
+        ``policy`` applies when a routed token finds the cache full: ``error`` raises CacheFullError, ``drop`` and
+        ``evict`` are those of :func:`ham_export.reference.cache_append`.
+        """
         self._check_tokens(tokens, 2)
         tau = self.thresholds(thresholds)
         h = self.embed(tokens)
         new_state, routes = [], []
         for i, block in enumerate(self.blocks):
-            y, s, info = block.mixer.prefill(block.norm_mixer(h), state[i], tau[i], chunk_size)
+            y, s, info = block.mixer.prefill(block.norm_mixer(h), state[i], tau[i], policy)
             h = h + y
             h = h + block.mlp(block.norm_mlp(h))
             new_state.append(s)
             routes.append(info)
         return self._logits(h), new_state, routes
 
-    def step(self, tokens: torch.Tensor, state: list[LayerState], thresholds=None
+    def step(self, tokens: torch.Tensor, state: list[LayerState], thresholds=None, policy: str = "error"
              ) -> tuple[torch.Tensor, list[LayerState], list[RouteInfo]]:
         """Decode form: tokens [B] (one per sequence) -> logits [B, vocab], new state, route info per layer."""
         self._check_tokens(tokens, 1)
@@ -303,7 +326,7 @@ class HAMLM(nn.Module):
         h = self.embed(tokens)
         new_state, routes = [], []
         for i, block in enumerate(self.blocks):
-            y, s, info = block.mixer.step(block.norm_mixer(h), state[i], tau[i])
+            y, s, info = block.mixer.step(block.norm_mixer(h), state[i], tau[i], policy)
             h = h + y
             h = h + block.mlp(block.norm_mlp(h))
             new_state.append(s)

@@ -18,8 +18,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import CacheFullError
-
 L2_EPS = 1e-6
 COS_EPS = 1e-8
 
@@ -185,51 +183,68 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return (weights @ v) / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor, k: torch.Tensor,
-                 v: torch.Tensor, routed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Write the routed (k, v) of T new tokens at [length, length + routed) of the cache, keeping their order.
+POLICIES = ("drop", "evict")
+
+
+def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
+                    k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Attention of T new tokens over the cache as it stands plus the routed new tokens up to each query.
 
     Args:
-        k_cache: [B, H, C, K]; v_cache: [B, H, C, V]; length: [B] int64 valid entries;
-        k: [B, H, T, K]; v: [B, H, T, V]; routed: [B, T] bool.
+        q: [B, H, T, K] queries; k_cache: [B, H, C, K]; v_cache: [B, H, C, V]; length: [B] int64 valid entries;
+        k: [B, H, T, K], v: [B, H, T, V] the new tokens' keys and values; routed: [B, T] bool; scale: [H].
+        Query t sees cache entries [0, length) and new token s iff routed[s] and s <= t. Entries past ``length``
+        are never read, even when they hold NaN. T = 1 in decode.
 
     Returns:
-        new k_cache, new v_cache, new length. Entries at and past the new length are returned as they came.
-
-    Raises:
-        CacheFullError: a routed token would land past the capacity C.
+        [B, H, T, V] (0 for a query that sees no key).
     """
+    capacity, t = k_cache.shape[2], q.shape[2]
+    old = torch.arange(capacity, device=q.device) < length[:, None]  # [B, C]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    mask = torch.cat([old[:, None, :].expand(-1, t, -1), causal & routed[:, None, :]], dim=2)  # [B, T, C + T]
+    k_all = torch.cat([torch.where(old[:, None, :, None], k_cache, torch.zeros_like(k_cache)), k], dim=2)
+    v_all = torch.cat([torch.where(old[:, None, :, None], v_cache, torch.zeros_like(v_cache)), v], dim=2)
+    return routed_attention(q, k_all, v_all, mask, scale)
+
+
+def cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, score_cache: torch.Tensor, length: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor, score: torch.Tensor, routed: torch.Tensor, policy: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Store the routed tokens of a call in a cache of fixed capacity C, in order, under an overflow policy.
+
+    Args:
+        k_cache: [B, H, C, K]; v_cache: [B, H, C, V]; score_cache: [B, C] the router score of each entry;
+        length: [B] int64 valid entries; k: [B, H, T, K]; v: [B, H, T, V]; score: [B, T]; routed: [B, T] bool;
+        policy: what a routed token does when it finds the cache full:
+            ``drop``: it is not stored;
+            ``evict``: it replaces the entry with the lowest score (the first such slot) if its own score is
+            higher, and is not stored otherwise; the entries of earlier tokens of the same call count too.
+
+    Returns:
+        k_cache, v_cache, score_cache, length, overflow: [B] int64 routed tokens of this call that found the cache
+        full. Slots at and past the new length are returned as they came. With no overflow, the routed tokens
+        land at [length, length + routed) in order, whatever the policy.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     capacity = k_cache.shape[2]
     count = routed.long()
-    new_length = length + count.sum(1)
-    if bool((new_length > capacity).any()):
-        raise CacheFullError(f"the KV cache is full: capacity {capacity}, a sequence needs "
-                             f"{int(new_length.max())} entries; allocate the state with a larger capacity")
-    slot = length[:, None] + count.cumsum(1) - 1  # [B, T] target slot of each routed token
-    onehot = (slot[..., None] == torch.arange(capacity, device=slot.device)) & routed[..., None]  # [B, T, C]
-    written = onehot.any(1)[:, None, :, None]  # [B, 1, C, 1]
+    wanted = length + count.sum(1)
+    overflow = (wanted - capacity).clamp_min(0)
+    slot = length[:, None] + count.cumsum(1) - 1  # [B, T] slot of each routed token, while it fits
+    fits = routed & (slot < capacity)
+    onehot = (slot[..., None] == torch.arange(capacity, device=slot.device)) & fits[..., None]  # [B, T, C]
+    written = onehot.any(1)  # [B, C]
     weights = onehot.to(k.dtype)
-    k_new = torch.where(written, torch.einsum("btc,bhtk->bhck", weights, k), k_cache)
-    v_new = torch.where(written, torch.einsum("btc,bhtv->bhcv", weights, v), v_cache)
-    return k_new, v_new, new_length
-
-
-def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
-                    scale: torch.Tensor) -> torch.Tensor:
-    """Attention of T queries over the first ``valid[b, t]`` entries of the cache.
-
-    Args:
-        q: [B, H, T, K]; k_cache: [B, H, C, K]; v_cache: [B, H, C, V]; scale: [H];
-        valid: [B, T] int64, the entries query t may see: the cache length before the call plus the routed tokens
-            of this call at or before t (the causal rule of prefill; T = 1 in decode).
-        Entries past ``valid`` are never read, even when they hold NaN.
-
-    Returns:
-        [B, H, T, V].
-    """
-    slots = torch.arange(k_cache.shape[2], device=q.device)
-    mask = slots < valid[..., None]  # [B, T, C]
-    readable = mask.any(1)[:, None, :, None]  # [B, 1, C, 1]
-    k_cache = torch.where(readable, k_cache, torch.zeros_like(k_cache))
-    v_cache = torch.where(readable, v_cache, torch.zeros_like(v_cache))
-    return routed_attention(q, k_cache, v_cache, mask, scale)
+    k_new = torch.where(written[:, None, :, None], torch.einsum("btc,bhtk->bhck", weights, k), k_cache)
+    v_new = torch.where(written[:, None, :, None], torch.einsum("btc,bhtv->bhcv", weights, v), v_cache)
+    s_new = torch.where(written, torch.einsum("btc,bt->bc", weights, score), score_cache)
+    new_length = wanted.clamp_max(capacity)
+    if policy == "evict" and bool((overflow > 0).any()):
+        k_new, v_new, s_new = k_new.clone(), v_new.clone(), s_new.clone()
+        for b, t in (routed & ~fits).nonzero().tolist():  # the tokens that found the cache full, in order
+            j = int(s_new[b].argmin())
+            if bool(score[b, t] > s_new[b, j]):
+                k_new[b, :, j], v_new[b, :, j], s_new[b, j] = k[b, :, t], v[b, :, t], score[b, t]
+    return k_new, v_new, s_new, new_length, overflow

@@ -160,6 +160,8 @@ def test_bad_tokens_and_full_cache_give_clear_errors(small_model):
     state = small_model.init_state(1, 3)
     with pytest.raises(CacheFullError, match="capacity 3"), torch.no_grad():
         small_model.prefill(tokens(1, 5), state, -1.0)
+    with pytest.raises(InputError, match="policy"), torch.no_grad():
+        small_model.prefill(tokens(1, 2), state, -1.0, policy="oldest")
 
 
 def test_batch_rows_are_independent(small_model):
@@ -183,3 +185,21 @@ def test_learned_router_gets_gradient_in_training():
     logits.square().mean().backward()
     grads = [p.grad for p in small_model.layers[0].router.parameters()]
     assert all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+@pytest.mark.parametrize("policy", ["drop", "evict"])
+def test_policies_apply_only_at_capacity(small_model, policy):
+    toks = tokens(2, 30, seed=4)
+    with torch.no_grad():
+        roomy = small_model.init_state(2, 30, fill=float("nan"))
+        expected, _, _ = small_model.prefill(toks, roomy, -1.0)
+        got, _, routes = small_model.prefill(toks, small_model.init_state(2, 30, fill=float("nan")), -1.0,
+                                                 policy=policy)
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        assert all(info.overflow.tolist() == [0, 0] for info in routes)
+        tight = small_model.init_state(2, 8, fill=float("nan"))
+        logits, tight, routes = small_model.prefill(toks, tight, -1.0, policy=policy)
+        assert all(info.overflow.tolist() == [22, 22] for info in routes)
+        assert all(s.length.tolist() == [8, 8] and bool(s.k_cache.isfinite().all()) for s in tight)
+        logits, tight, routes = small_model.step(toks[:, 0], tight, -1.0, policy=policy)
+        assert all(info.overflow.tolist() == [1, 1] for info in routes) and bool(logits.isfinite().all())

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ham_export import reference as ref
-from ham_export.errors import CacheFullError
 
 
 def gdn_inputs(b, t, h, dk, dv, seed=0, state_scale=1.0):
@@ -110,56 +109,111 @@ def nan_cache(b, h, c, d):
     return torch.full((b, h, c, d), float("nan"))
 
 
-def test_cache_append_compacts_in_order_and_keeps_the_rest():
-    b, h, c, t = 2, 2, 6, 5
-    k = torch.arange(b * h * t * 3, dtype=torch.float32).reshape(b, h, t, 3)
-    v = -k
+def append_case(b=2, h=2, c=6, t=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, h, t, 3, generator=gen)
+    v = torch.randn(b, h, t, 3, generator=gen)
+    score = torch.rand(b, t, generator=gen)
+    caches = nan_cache(b, h, c, 3), nan_cache(b, h, c, 3), torch.full((b, c), float("nan"))
+    return caches, k, v, score
+
+
+@pytest.mark.parametrize("policy", ref.POLICIES)
+def test_cache_append_compacts_in_order_and_keeps_the_rest(policy):
+    (k_cache, v_cache, s_cache), k, v, score = append_case()
     routed = torch.tensor([[True, False, True, True, False], [False, False, False, False, True]])
     length = torch.tensor([1, 0])
-    k_cache, v_cache = nan_cache(b, h, c, 3), nan_cache(b, h, c, 3)
-    k_cache[0, :, 0] = 7.0
-    k_new, v_new, new_length = ref.cache_append(k_cache, v_cache, length, k, v, routed)
-    assert new_length.tolist() == [4, 1]
+    k_cache[0, :, 0], s_cache[0, 0] = 7.0, 0.5
+    k_new, v_new, s_new, new_length, overflow = ref.cache_append(k_cache, v_cache, s_cache, length, k, v, score,
+                                                                 routed, policy)
+    assert new_length.tolist() == [4, 1] and overflow.tolist() == [0, 0]
     torch.testing.assert_close(k_new[0, :, 1:4], k[0, :, [0, 2, 3]])
     torch.testing.assert_close(v_new[1, :, 0:1], v[1, :, [4]])
-    assert bool((k_new[0, :, 0] == 7.0).all())  # existing entries untouched
+    torch.testing.assert_close(s_new[0, 1:4], score[0, [0, 2, 3]])
+    assert bool((k_new[0, :, 0] == 7.0).all()) and float(s_new[0, 0]) == 0.5  # existing entries untouched
     assert bool(k_new[0, :, 4:].isnan().all()) and bool(k_new[1, :, 1:].isnan().all())  # no write past length
 
 
-def test_cache_append_refuses_overflow():
-    k = torch.zeros(1, 1, 3, 2)
-    with pytest.raises(CacheFullError, match="capacity 2"):
-        ref.cache_append(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.tensor([0]), k, k,
-                         torch.tensor([[True, True, True]]))
+def test_cache_append_drop_keeps_the_first_that_fit():
+    (k_cache, v_cache, s_cache), k, v, score = append_case(b=1, c=3, t=5)
+    routed = torch.tensor([[True, True, False, True, True]])
+    k_new, _, _, length, overflow = ref.cache_append(k_cache, v_cache, s_cache, torch.tensor([1]), k, v,
+                                                         score, routed, "drop")
+    assert length.tolist() == [3] and overflow.tolist() == [2]
+    torch.testing.assert_close(k_new[0, :, 1:3], k[0, :, [0, 1]])
 
 
-def naive_attention(q, k, v, n, scale):
-    """Softmax over the first n keys, one query, one head; zero when n == 0."""
-    if n == 0:
-        return torch.zeros(v.shape[-1])
-    return torch.softmax(scale * (k[:n] @ q), 0) @ v[:n]
+def evict_oracle(k_cache, v_cache, s_cache, length, k, v, score, routed):
+    """Token by token: append while there is room, then replace the first lowest-score entry if beaten."""
+    k_cache, v_cache, s_cache, length = k_cache.clone(), v_cache.clone(), s_cache.clone(), length.clone()
+    overflow = torch.zeros_like(length)
+    capacity = k_cache.shape[2]
+    for b in range(k.shape[0]):
+        for t in range(k.shape[2]):
+            if not routed[b, t]:
+                continue
+            if length[b] < capacity:
+                j = int(length[b])
+                length[b] += 1
+            else:
+                overflow[b] += 1
+                j = min(range(capacity), key=lambda i, b=b: (float(s_cache[b, i]), i))
+                if not score[b, t] > s_cache[b, j]:
+                    continue
+            k_cache[b, :, j], v_cache[b, :, j], s_cache[b, j] = k[b, :, t], v[b, :, t], score[b, t]
+    return k_cache, v_cache, s_cache, length, overflow
+
+
+@settings(max_examples=30, deadline=None)
+@given(c=st.integers(1, 6), t=st.integers(1, 7), seed=st.integers(0, 999))
+def test_cache_append_evict_matches_token_by_token_oracle(c, t, seed):
+    (k_cache, v_cache, s_cache), k, v, score = append_case(b=2, c=c, t=t, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    length = torch.randint(0, c + 1, (2,), generator=gen)
+    for b in range(2):
+        n = int(length[b])
+        k_cache[b, :, :n] = torch.randn(2, n, 3, generator=gen)
+        v_cache[b, :, :n] = torch.randn(2, n, 3, generator=gen)
+        s_cache[b, :n] = torch.rand(n, generator=gen)
+    routed = torch.rand(2, t, generator=gen) > 0.3
+    got = ref.cache_append(k_cache, v_cache, s_cache, length, k, v, score, routed, "evict")
+    expected = evict_oracle(k_cache, v_cache, s_cache, length, k, v, score, routed)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, equal_nan=True)
+
+
+def naive_attention(q, keys, values, scale):
+    """Softmax over the given keys, one query, one head; zero when there is none."""
+    if keys.shape[0] == 0:
+        return torch.zeros(values.shape[-1])
+    return torch.softmax(scale * (keys @ q), 0) @ values
 
 
 @settings(max_examples=20, deadline=None)
 @given(c=st.integers(1, 9), t=st.integers(1, 4), seed=st.integers(0, 99))
-def test_cache_attention_reads_only_valid_entries(c, t, seed):
+def test_cache_attention_sees_valid_entries_and_routed_new_tokens(c, t, seed):
     gen = torch.Generator().manual_seed(seed)
     b, h = 2, 2
-    q = torch.randn(b, h, t, 4, generator=gen)
+    q, k = torch.randn(b, h, t, 4, generator=gen), torch.randn(b, h, t, 4, generator=gen)
+    v = torch.randn(b, h, t, 3, generator=gen)
     k_cache, v_cache = nan_cache(b, h, c, 4), nan_cache(b, h, c, 3)
-    valid = torch.randint(0, c + 1, (b, t), generator=gen)
-    fill = int(valid.max())
+    length = torch.randint(0, c + 1, (b,), generator=gen)
+    routed = torch.rand(b, t, generator=gen) > 0.5
+    fill = int(length.max())
     k_cache[:, :, :fill] = torch.randn(b, h, fill, 4, generator=gen)
     v_cache[:, :, :fill] = torch.randn(b, h, fill, 3, generator=gen)
     scale = torch.tensor([2.0, 5.0])
-    out = ref.cache_attention(q, k_cache, v_cache, valid, scale)
+    out = ref.cache_attention(q, k_cache, v_cache, length, k, v, routed, scale)
     assert bool(out.isfinite().all())
     for bi in range(b):
+        n = int(length[bi])
         for hi in range(h):
             for ti in range(t):
-                expected = naive_attention(q[bi, hi, ti], k_cache[bi, hi], v_cache[bi, hi], int(valid[bi, ti]),
-                                           scale[hi])
-                torch.testing.assert_close(out[bi, hi, ti], expected, atol=1e-6, rtol=1e-5)
+                seen = [s for s in range(ti + 1) if routed[bi, s]]
+                keys = torch.cat([k_cache[bi, hi, :n], k[bi, hi, seen]])
+                values = torch.cat([v_cache[bi, hi, :n], v[bi, hi, seen]])
+                torch.testing.assert_close(out[bi, hi, ti], naive_attention(q[bi, hi, ti], keys, values, scale[hi]),
+                                           atol=1e-6, rtol=1e-5)
 
 
 def test_routed_attention_all_keys_equals_sdpa():
