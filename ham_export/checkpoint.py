@@ -13,6 +13,7 @@ name for name and shape for shape, with finite values.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pickle
@@ -43,6 +44,15 @@ class Checkpoint:
     @property
     def config(self) -> HAMConfig:
         return self.model.cfg
+
+
+def weights_sha256(model: HAMLM) -> str:
+    """A digest of the weights (names, shapes and fp32 values), to tie an artifact to its checkpoint."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _header(model: HAMLM, metadata: dict[str, Any] | None) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from rich.table import Table
 
 from .errors import HamError
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,6 +139,102 @@ def eval_(model: str, data: str | None, thresholds: tuple[float, ...], window: i
         table.add_row(label, f"{row.bits_per_byte:.4f}", f"{row.kv_fraction:.3f}",
                       " ".join(f"{f:.2f}" for f in row.kv_fraction_per_layer))
     out.print(table)
+
+
+def _export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--policy", type=click.Choice(["drop", "evict"]), default="drop", show_default=True,
+                      help="What a routed token does when it finds the cache full.")(fn)
+    fn = click.option("--context", type=click.IntRange(min=1), default=1024, show_default=True,
+                      help="The longest sequence (prompt + generated) the engine is built for.")(fn)
+    fn = click.option("--max-cache", type=click.IntRange(min=1), default=None,
+                      help="Cache capacity per layer (default: --context, so that no policy ever applies).")(fn)
+    return fn
+
+
+@main.command("torch")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=str), required=True)
+@_export_options
+@_user_errors
+def torch_(model: str, out: str, max_cache: int | None, context: int, policy: str) -> None:
+    """Export the prefill and decode programs with torch.export (prefill.pt2, decode.pt2)."""
+    from . import checkpoint
+    from .export import export_torch
+
+    ckpt = checkpoint.load(model)
+    folder = export_torch(ckpt.model, out, max_cache or context, policy, source=ckpt.path)
+    err.print(f"wrote {folder}/prefill.pt2, decode.pt2 and ham_export.json (capacity {max_cache or context}, "
+              f"policy {policy})")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.argument("artifact", type=click.Path(path_type=str))
+@click.option("--prompts", type=click.Path(path_type=str), default=None,
+              help="Text file, one prompt per line (cut to the shortest; default: 3 held-out snippets).")
+@click.option("--steps", type=click.IntRange(min=0), default=64, show_default=True, help="Decode steps.")
+@click.option("--threshold", "thresholds", type=float, multiple=True,
+              help="A threshold for every layer; repeat for several. Default: the model's own, -1 (cache "
+                   "every token) and 3 (cache none).")
+@click.option("--atol", type=click.FloatRange(min=0), default=None, help="Default: 1e-4 (fp32), 3e-2 (fp16).")
+@click.option("--rtol", type=click.FloatRange(min=0), default=None, help="Default: 1e-4 (fp32), 3e-2 (fp16).")
+@click.option("--margin", type=click.FloatRange(min=0), default=None,
+              help="Route flips with |score - tau| <= margin are reported apart, not failed. "
+                   "Default: 1e-4 (fp32), 1e-2 (fp16).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_user_errors
+def check(model: str, artifact: str, prompts: str | None, steps: int, thresholds: tuple[float, ...],
+          atol: float | None, rtol: float | None, margin: float | None, as_json: bool) -> None:
+    """Check an exported artifact against the eager model: prefill + N decode steps at each threshold."""
+    from . import checkpoint
+    from .check import DEFAULT_TOLERANCE, compare, default_prompts, read_prompts
+    from .errors import InputError
+    from .runners import eager_runner_like, load_runner
+
+    bad = [t for t in thresholds if not math.isfinite(t)]
+    if bad:
+        raise InputError(f"--threshold must be a finite number, got {bad[0]}")
+    ckpt = checkpoint.load(model)
+    runner = load_runner(artifact)
+    runner.check_model(ckpt.model)
+    tolerance = DEFAULT_TOLERANCE[runner.dtype]
+    atol, rtol, margin = (tolerance[0] if atol is None else atol, tolerance[1] if rtol is None else rtol,
+                          tolerance[2] if margin is None else margin)
+    tokens = read_prompts(prompts) if prompts else default_prompts()
+    settings: list[float | list[float]] = list(thresholds) or [list(ckpt.config.thresholds), -1.0, 3.0]
+    results = compare(eager_runner_like(ckpt.model, runner), runner, tokens, settings, steps, atol, rtol, margin)
+    passed = all(r.passed for r in results)
+    report = {
+        "passed": passed,
+        "artifact": str(artifact),
+        "backend": runner.name,
+        "max_abs_err": max(r.max_abs_err for r in results),
+        "max_state_err": max(r.max_state_err for r in results),
+        "min_atol": max(r.min_atol for r in results),
+        "atol": atol, "rtol": rtol, "margin": margin,
+        "prompts": list(tokens.shape), "steps": steps,
+        "rows": [r.to_dict() for r in results],
+    }
+    if as_json:
+        _emit_json(report)
+    else:
+        table = Table(title=f"{artifact} ({runner.name}) vs eager: {tokens.shape[0]} prompts of "
+                            f"{tokens.shape[1]} bytes + {steps} steps")
+        for column in ("threshold", "result", "max |logit err|", "max state err", "min atol",
+                       "near flips", "far flips", "KV fraction"):
+            table.add_column(column, justify="right")
+        for r in results:
+            label = f"{r.threshold:g}" if isinstance(r.threshold, float) else "own"
+            table.add_row(label, "[green]pass[/]" if r.passed else "[red]FAIL[/]", f"{r.max_abs_err:.2e}",
+                          f"{r.max_state_err:.2e}", f"{r.min_atol:.2e}", str(r.near_flips), str(r.far_flips),
+                          f"{r.kv_fraction:.3f}")
+        out.print(table)
+        for r in results:
+            for failure in r.failures[:5]:
+                out.print(f"[red]{r.threshold}:[/] {failure}")
+        out.print(f"smallest atol that passes at rtol {rtol:g}: {report['min_atol']:.3g}")
+    if not passed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ class HAMLayer(nn.Module):
         state = x.new_zeros(b, cfg.n_heads, cfg.head_dim, cfg.head_dim_v)
         o_rnn, vhat, _ = ref.gdn_chunked(q, k, v, g, beta, state, chunk_size)
         score = self._score(x, vhat, v)
-        routed = ref.route(score, tau)
+        routed = ref.route(score, tau.to(score.dtype))
         causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril().expand(b, t, t)
         qh, kh, vh = (z.transpose(1, 2) for z in (q, k, v))
         if self.training and self.router is not None:
@@ -168,7 +168,7 @@ class HAMLayer(nn.Module):
         q, k, v, g, beta, conv = self._project(x, state.conv)
         o_rnn, vhat, ssm = gdn(q, k, v, g, beta, state.ssm)
         score = self._score(x, vhat, v)
-        routed = ref.route(score, tau)
+        routed = ref.route(score, tau.to(score.dtype))
         qh, kh, vh = (z.transpose(1, 2) for z in (q, k, v))
         o_kv = ops.cache_attention(qh, state.k_cache, state.v_cache, state.length, kh, vh, routed, self.attn_scale)
         k_cache, v_cache, score_cache, length, overflow = ops.cache_append(
@@ -307,26 +307,23 @@ class HAMLM(nn.Module):
         ``evict`` are those of :func:`ham_export.reference.cache_append`.
         """
         self._check_tokens(tokens, 2)
-        tau = self.thresholds(thresholds)
-        h = self.embed(tokens)
-        new_state, routes = [], []
-        for i, block in enumerate(self.blocks):
-            y, s, info = block.mixer.prefill(block.norm_mixer(h), state[i], tau[i], policy)
-            h = h + y
-            h = h + block.mlp(block.norm_mlp(h))
-            new_state.append(s)
-            routes.append(info)
-        return self._logits(h), new_state, routes
+        return self.run_with_state(tokens, state, self.thresholds(thresholds), policy, decode=False)
 
     def step(self, tokens: torch.Tensor, state: list[LayerState], thresholds=None, policy: str = "error"
              ) -> tuple[torch.Tensor, list[LayerState], list[RouteInfo]]:
         """Decode form: tokens [B] (one per sequence) -> logits [B, vocab], new state, route info per layer."""
         self._check_tokens(tokens, 1)
-        tau = self.thresholds(thresholds)
+        return self.run_with_state(tokens, state, self.thresholds(thresholds), policy, decode=True)
+
+    def run_with_state(self, tokens: torch.Tensor, state: list[LayerState], tau: torch.Tensor, policy: str,
+                       decode: bool) -> tuple[torch.Tensor, list[LayerState], list[RouteInfo]]:
+        """:meth:`prefill` (``decode=False``) or :meth:`step` without input checks: the traceable core that the
+        exported programs call. ``tau`` is the [n_layers] threshold tensor."""
         h = self.embed(tokens)
         new_state, routes = [], []
         for i, block in enumerate(self.blocks):
-            y, s, info = block.mixer.step(block.norm_mixer(h), state[i], tau[i], policy)
+            form = block.mixer.step if decode else block.mixer.prefill
+            y, s, info = form(block.norm_mixer(h), state[i], tau[i], policy)
             h = h + y
             h = h + block.mlp(block.norm_mlp(h))
             new_state.append(s)

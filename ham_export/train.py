@@ -115,7 +115,7 @@ def train(model_cfg: HAMConfig, train_cfg: TrainConfig, train_data: bytes, val_d
         "train_seconds": round(time.monotonic() - start_time, 1),
         "train_bytes": len(train_data),
         "parameters": model.num_parameters(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
     }
     return model, metadata
 

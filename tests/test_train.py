@@ -43,3 +43,11 @@ def test_fixed_thresholds_stay_fixed_and_learned_router_trains():
     moved = [not torch.equal(p, q) for (n, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters(),
                                                                strict=True) if "router" in n]
     assert any(moved)
+
+
+def test_trained_metadata_round_trips_through_a_safe_checkpoint(tmp_path):
+    from ham_export import checkpoint
+
+    model, meta, _ = short_run(steps=2)
+    loaded = checkpoint.load(checkpoint.save_pt(model, tmp_path / "m.pt", meta))
+    assert loaded.metadata == meta and loaded.config == model.cfg

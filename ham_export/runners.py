@@ -1,0 +1,250 @@
+"""One small interface to run a HAM model on any backend: prefill, step, state in and out.
+
+A runner's state is its own (torch tensors, ONNX Runtime values); :meth:`Runner.state_tensors` shows it as the
+flat list of torch tensors of :func:`ham_export.programs.flatten_state`, for comparison. Every output comes back
+as torch tensors on the CPU. :func:`load_runner` opens any artifact folder by its manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import manifest as mf
+from .errors import InputError
+from .model import HAMLM
+from .programs import HEAD_OUTPUTS, flatten_state, state_names, unflatten_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Output:
+    """One call's results: logits [B, T, V] (prefill) or [B, V] (step); scores, routed [L, B, T]; overflow [L, B]."""
+
+    logits: torch.Tensor
+    scores: torch.Tensor
+    routed: torch.Tensor
+    overflow: torch.Tensor
+
+
+class Runner(ABC):
+    name: str
+    capacity: int
+    policy: str
+    n_layers: int
+    vocab_size: int
+    dtype: str = "fp32"
+    manifest: dict[str, Any] | None = None
+
+    def check_model(self, model: HAMLM) -> None:
+        """Refuse to compare an artifact with a model it was not exported from."""
+        if self.manifest is None:
+            return
+        from .checkpoint import weights_sha256
+
+        expected = self.manifest.get("model_sha256")
+        if expected and expected != weights_sha256(model):
+            raise mf.ArtifactError(f"the artifact was exported from other weights (source: "
+                                   f"{self.manifest.get('source')}); export it again from this model")
+
+    def check_tokens(self, tokens: torch.Tensor, dims: int) -> torch.Tensor:
+        if tokens.dim() != dims or tokens.dtype not in (torch.int32, torch.int64) or tokens.numel() == 0:
+            raise InputError(f"tokens must be a non-empty integer tensor with {dims} dims, got "
+                             f"{tuple(tokens.shape)} {tokens.dtype}")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size:
+            raise InputError(f"token ids must be in [0, {self.vocab_size})")
+        return tokens.to(torch.int64)
+
+    def check_thresholds(self, thresholds: torch.Tensor) -> torch.Tensor:
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
+        if thresholds.numel() == 1:
+            thresholds = thresholds.expand(self.n_layers)
+        if thresholds.numel() != self.n_layers or not bool(torch.isfinite(thresholds).all()):
+            raise InputError(f"thresholds must be 1 or {self.n_layers} finite numbers, got {thresholds.tolist()}")
+        return thresholds.contiguous()
+
+    def prefill(self, tokens: torch.Tensor, thresholds: torch.Tensor) -> tuple[Output, Any]:
+        """Prompt tokens [B, T] from an empty state -> (output, state)."""
+        return self._prefill(self.check_tokens(tokens, 2), self.check_thresholds(thresholds))
+
+    def step(self, token: torch.Tensor, thresholds: torch.Tensor, state: Any) -> tuple[Output, Any]:
+        """One token [B] per sequence -> (output, new state)."""
+        return self._step(self.check_tokens(token, 1), self.check_thresholds(thresholds), state)
+
+    @abstractmethod
+    def _prefill(self, tokens: torch.Tensor, thresholds: torch.Tensor) -> tuple[Output, Any]: ...
+
+    @abstractmethod
+    def _step(self, token: torch.Tensor, thresholds: torch.Tensor, state: Any) -> tuple[Output, Any]: ...
+
+    @abstractmethod
+    def state_tensors(self, state: Any) -> list[torch.Tensor]: ...
+
+
+def _split(outputs) -> tuple[Output, list[torch.Tensor]]:
+    head = Output(*outputs[: len(HEAD_OUTPUTS)])
+    return head, list(outputs[len(HEAD_OUTPUTS):])
+
+
+class EagerRunner(Runner):
+    """The plain-PyTorch model (the reference every artifact is checked against)."""
+
+    name = "eager"
+
+    def __init__(self, model: HAMLM, capacity: int, policy: str) -> None:
+        self.model, self.capacity, self.policy = model.eval(), capacity, policy
+        self.n_layers, self.vocab_size = model.cfg.n_layers, model.cfg.vocab_size
+
+    @torch.no_grad()
+    def _prefill(self, tokens, thresholds):
+        state = self.model.init_state(tokens.shape[0], self.capacity)
+        logits, state, routes = self.model.prefill(tokens, state, thresholds, self.policy)
+        return self._output(logits, routes), state
+
+    @torch.no_grad()
+    def _step(self, token, thresholds, state):
+        logits, state, routes = self.model.step(token, state, thresholds, self.policy)
+        return self._output(logits, routes), state
+
+    @staticmethod
+    def _output(logits, routes) -> Output:
+        return Output(logits, torch.stack([r.score for r in routes]), torch.stack([r.routed for r in routes]),
+                      torch.stack([r.overflow for r in routes]))
+
+    def state_tensors(self, state):
+        return flatten_state(state)
+
+
+class ExportedProgramRunner(Runner):
+    """The ``torch.export`` programs, run as graph modules (from memory or ``prefill.pt2`` / ``decode.pt2``)."""
+
+    name = "torch.export"
+
+    def __init__(self, programs: dict[str, torch.export.ExportedProgram], capacity: int, policy: str,
+                 n_layers: int, vocab_size: int) -> None:
+        self.prefill_fn = programs["prefill"].module()
+        self.decode_fn = programs["decode"].module()
+        self.capacity, self.policy, self.n_layers, self.vocab_size = capacity, policy, n_layers, vocab_size
+
+    @torch.no_grad()
+    def _prefill(self, tokens, thresholds):
+        return _split(self.prefill_fn(tokens, thresholds))
+
+    @torch.no_grad()
+    def _step(self, token, thresholds, state):
+        return _split(self.decode_fn(token, thresholds, *state))
+
+    def state_tensors(self, state):
+        return list(state)
+
+
+class OrtRunner(Runner):
+    """The ONNX programs in ONNX Runtime (CPU), with the ham.ai op library when the graph needs it.
+
+    With ``share_buffers`` (custom-op graphs only), decode binds each cache's input and output to one buffer, so
+    a step writes only the new entries instead of copying the cache.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], share_buffers: bool = True) -> None:
+        import onnxruntime as ort
+
+        self.capacity, self.policy = manifest["capacity"], manifest["policy"]
+        self.n_layers, self.vocab_size = manifest["model"]["n_layers"], manifest["model"]["vocab_size"]
+        self.manifest, self.dtype = manifest, manifest["dtype"]
+        library = manifest.get("op_library")
+        if library:
+            from .ort_ops import session_options
+
+            options = session_options()
+        else:
+            options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.sessions = {
+            name: ort.InferenceSession(str(directory / manifest["programs"][name]["file"]), options,
+                                       providers=["CPUExecutionProvider"])
+            for name in ("prefill", "decode")
+        }
+        self.float_dtype = torch.float16 if manifest["dtype"] == "fp16" else torch.float32
+        self.share_buffers = share_buffers and bool(library)
+        self.past = state_names(self.n_layers, "past")
+        self.present = state_names(self.n_layers, "present")
+        log.info("onnxruntime runner: ops=%s, share_buffers=%s", manifest.get("ops"), self.share_buffers)
+
+    @staticmethod
+    def _torch(values) -> list[torch.Tensor]:
+        return [torch.from_numpy(v) for v in values]
+
+    def _prefill(self, tokens, thresholds):
+        outputs = self.sessions["prefill"].run(None, {"tokens": tokens.numpy(), "thresholds": thresholds.numpy()})
+        return _split(self._torch(outputs))
+
+    def _step(self, token, thresholds, state):
+        feeds = {"token": token.numpy(), "thresholds": thresholds.numpy()}
+        feeds.update({name: tensor.numpy() for name, tensor in zip(self.past, state, strict=True)})
+        if not self.share_buffers:
+            return _split(self._torch(self.sessions["decode"].run(None, feeds)))
+        return self._step_in_place(feeds, state)
+
+    def _step_in_place(self, feeds, state):
+        session = self.sessions["decode"]
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        # The state arrays are bound as both input and output: the op library writes the new entries in place.
+        for name, value in zip(self.present, [feeds[p] for p in self.past], strict=True):
+            binding.bind_output(name, "cpu", 0, value.dtype, list(value.shape), value.ctypes.data)
+        for name in HEAD_OUTPUTS:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        head = [torch.from_numpy(v) for v in binding.copy_outputs_to_cpu()[: len(HEAD_OUTPUTS)]]
+        return Output(*head), state
+
+    def state_tensors(self, state):
+        return list(state)
+
+
+def load_runner(artifact: str | Path, share_buffers: bool = True) -> Runner:
+    """The runner for an artifact folder (or a file in it), chosen by its manifest's backend."""
+    directory, manifest = mf.read(artifact)
+    backend = manifest["backend"]
+    log.info("loading %s artifact from %s", backend, directory)
+    if backend == "onnxruntime":
+        return OrtRunner(directory, manifest, share_buffers)
+    from . import ops  # noqa: F401  (the programs call torch.ops.ham.*)
+
+    programs = {}
+    for name in ("prefill", "decode"):
+        path = directory / manifest["programs"][name]["file"]
+        # torch.export.load logs a traceback before raising on a damaged file; the error below says it all.
+        torch_log = logging.getLogger("torch.export")
+        level = torch_log.level
+        torch_log.setLevel(logging.CRITICAL)
+        try:
+            programs[name] = torch.export.load(path)
+        except Exception as exc:  # a damaged archive surfaces as whatever its parser hit
+            raise mf.ArtifactError(f"cannot load {path}: truncated or not a torch.export program "
+                                   f"({type(exc).__name__}: {exc})") from None
+        finally:
+            torch_log.setLevel(level)
+    model = manifest["model"]
+    runner = ExportedProgramRunner(programs, manifest["capacity"], manifest["policy"], model["n_layers"],
+                                   model["vocab_size"])
+    runner.manifest = manifest
+    return runner
+
+
+def eager_runner_like(model: HAMLM, runner: Runner) -> EagerRunner:
+    """The eager model with the artifact's capacity and policy, so that the two compare like with like."""
+    return EagerRunner(model, runner.capacity, runner.policy)
+
+
+__all__ = ["EagerRunner", "ExportedProgramRunner", "OrtRunner", "Output", "Runner", "load_runner",
+           "unflatten_state"]
