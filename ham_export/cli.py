@@ -169,6 +169,26 @@ def torch_(model: str, out: str, max_cache: int | None, context: int, policy: st
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=str))
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=str), required=True)
+@click.option("--ops", type=click.Choice(["custom", "standard"]), default="custom", show_default=True,
+              help="custom: ham.ai nodes run by the op library of runtimes/onnxruntime; standard: standard ONNX "
+                   "ops only, for any runtime.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@_export_options
+@_user_errors
+def onnx(model: str, out: str, ops: str, dtype: str, max_cache: int | None, context: int, policy: str) -> None:
+    """Export the prefill and decode programs to ONNX (prefill.onnx, decode.onnx, ham_export.json)."""
+    from . import checkpoint
+    from .export import export_onnx
+
+    ckpt = checkpoint.load(model)
+    folder = export_onnx(ckpt.model, out, max_cache or context, policy, ops, dtype, source=ckpt.path)
+    err.print(f"wrote {folder}/prefill.onnx, decode.onnx and ham_export.json ({ops} ops, {dtype}, capacity "
+              f"{max_cache or context}, policy {policy})")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=str))
 @click.argument("artifact", type=click.Path(path_type=str))
 @click.option("--prompts", type=click.Path(path_type=str), default=None,
               help="Text file, one prompt per line (cut to the shortest; default: 3 held-out snippets).")

@@ -62,3 +62,53 @@ def export_torch(model: HAMLM, out: str | Path, capacity: int, policy: str = "dr
                             **_identity(model, source)}))
     log.info("wrote torch.export programs to %s", out)
     return out
+
+
+def export_onnx(model: HAMLM, out: str | Path, capacity: int, policy: str = "drop", ops: str = "custom",
+                dtype: str = "fp32", source: str | Path | None = None) -> Path:
+    """Write ``prefill.onnx``, ``decode.onnx`` and the manifest into ``out``; returns the folder.
+
+    ``ops="custom"`` keeps the HAM ops as ``ham.ai`` nodes (run with the op library of ``runtimes/onnxruntime``);
+    ``ops="standard"`` lowers them to standard ONNX ops. Both pass ``onnx.checker`` with ``full_check``.
+    """
+    import onnx
+
+    from .onnx_ops import register_schemas, translation_table
+    from .programs import HEAD_OUTPUTS, state_names
+
+    _validate(capacity, policy, dtype)
+    if ops not in OPS_FORMS:
+        raise InputError(f"--ops must be one of {', '.join(OPS_FORMS)}, got {ops!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    register_schemas()
+    identity = _identity(model, source)
+    cast = model if dtype == "fp32" else _cast_copy(model, DTYPES[dtype])
+    programs = export_programs(cast, capacity, policy)
+    n = model.cfg.n_layers
+    names = {
+        "prefill": (["tokens", "thresholds"], [*HEAD_OUTPUTS, *state_names(n, "present")]),
+        "decode": (["token", "thresholds", *state_names(n, "past")], [*HEAD_OUTPUTS, *state_names(n, "present")]),
+    }
+    large = model.num_parameters() * DTYPES[dtype].itemsize > (1 << 30)
+    for name, program in programs.items():
+        path = out / f"{name}.onnx"
+        inputs, outputs = names[name]
+        onnx_program = torch.onnx.export(program, f=None, dynamo=True, input_names=inputs, output_names=outputs,
+                                         custom_translation_table=translation_table(ops), verbose=False,
+                                         optimize=True)
+        onnx_program.save(str(path), external_data=large)
+        onnx.checker.check_model(str(path), full_check=True)
+    library = {"name": "libham_ort_ops.so", "domain": "ham.ai", "version": 1,
+               "build": "bash scripts/build-ort-ops.sh"} if ops == "custom" else None
+    mf.write(out, mf.build("onnxruntime", model.cfg, capacity, policy, dtype,
+                           _program_entries(model, capacity, dtype, ".onnx"),
+                           {"ops": ops, "op_library": library, **identity}))
+    log.info("wrote ONNX programs (%s ops, %s) to %s", ops, dtype, out)
+    return out
+
+
+def _cast_copy(model: HAMLM, dtype: torch.dtype) -> HAMLM:
+    import copy
+
+    return copy.deepcopy(model).to(dtype)

@@ -144,11 +144,19 @@ class ExportedProgramRunner(Runner):
         return list(state)
 
 
+# Decode may bind these state inputs and outputs to one buffer. It is safe because under the drop policy
+# CacheAppend writes only slots at or past the old length, which nothing else in the step reads; the length itself
+# is read by CacheAttention, which ONNX Runtime may schedule after CacheAppend, so it is never shared.
+SHARED_FIELDS = ("k_cache", "v_cache", "score_cache")
+
+
 class OrtRunner(Runner):
     """The ONNX programs in ONNX Runtime (CPU), with the ham.ai op library when the graph needs it.
 
-    With ``share_buffers`` (custom-op graphs only), decode binds each cache's input and output to one buffer, so
-    a step writes only the new entries instead of copying the cache.
+    With ``share_buffers`` (custom-op graphs under the drop policy), decode binds each cache's input and output to
+    one buffer, so that a step writes only the new entries instead of copying the cache. Under ``evict`` a full
+    cache is overwritten below the old length, which the attention of the same step may still read, so decode
+    copies.
     """
 
     name = "onnxruntime"
@@ -173,7 +181,7 @@ class OrtRunner(Runner):
             for name in ("prefill", "decode")
         }
         self.float_dtype = torch.float16 if manifest["dtype"] == "fp16" else torch.float32
-        self.share_buffers = share_buffers and bool(library)
+        self.share_buffers = share_buffers and bool(library) and self.policy == "drop"
         self.past = state_names(self.n_layers, "past")
         self.present = state_names(self.n_layers, "present")
         log.info("onnxruntime runner: ops=%s, share_buffers=%s", manifest.get("ops"), self.share_buffers)
@@ -198,14 +206,20 @@ class OrtRunner(Runner):
         binding = session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
-        # The state arrays are bound as both input and output: the op library writes the new entries in place.
-        for name, value in zip(self.present, [feeds[p] for p in self.past], strict=True):
-            binding.bind_output(name, "cpu", 0, value.dtype, list(value.shape), value.ctypes.data)
-        for name in HEAD_OUTPUTS:
+        fresh = [name for name in (*HEAD_OUTPUTS, *self.present) if name.rsplit(".", 1)[-1] not in SHARED_FIELDS]
+        for name in fresh:  # bound first: copy_outputs_to_cpu returns outputs in binding order
             binding.bind_output(name, "cpu")
+        # Each cache is bound as both input and output: CacheAppend writes the new entries in place.
+        for past, present in zip(self.past, self.present, strict=True):
+            if present.rsplit(".", 1)[-1] in SHARED_FIELDS:
+                value = feeds[past]
+                binding.bind_output(present, "cpu", 0, value.dtype, list(value.shape), value.ctypes.data)
         session.run_with_iobinding(binding)
-        head = [torch.from_numpy(v) for v in binding.copy_outputs_to_cpu()[: len(HEAD_OUTPUTS)]]
-        return Output(*head), state
+        produced = dict(zip(fresh, binding.copy_outputs_to_cpu()[: len(fresh)], strict=True))
+        head = Output(*(torch.from_numpy(produced[name]) for name in HEAD_OUTPUTS))
+        new_state = [tensor if present.rsplit(".", 1)[-1] in SHARED_FIELDS else torch.from_numpy(produced[present])
+                     for present, tensor in zip(self.present, state, strict=True)]
+        return head, new_state
 
     def state_tensors(self, state):
         return list(state)

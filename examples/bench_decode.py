@@ -1,0 +1,90 @@
+"""Decode-step latency of the bundled model: eager PyTorch vs ONNX Runtime, at several cache lengths.
+
+    python examples/bench_decode.py [--model examples/models/tiny-ham.pt] [--lengths 256,4096] [--iters 30]
+
+Every backend starts from the same state, with every layer's cache holding L entries, and runs decode steps at
+tau = -1 (every token is cached, so each step also appends). The figure is the median wall time of one step, on
+this machine, measured in one run; ratios are against eager PyTorch from the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from ham_export import checkpoint
+from ham_export.export import export_onnx
+from ham_export.reference import l2_normalize
+from ham_export.runners import EagerRunner, OrtRunner, Runner, load_runner
+
+
+def filled_state(runner: Runner, model, length: int, seed: int = 0) -> list[torch.Tensor]:
+    """A state whose caches hold ``length`` random (unit-key) entries in every layer, in the runner's layout."""
+    gen = torch.Generator().manual_seed(seed)
+    state = model.init_state(1, runner.capacity)
+    filled = []
+    for layer in state:
+        k = layer.k_cache.clone()
+        k[:, :, :length] = l2_normalize(torch.randn(k[:, :, :length].shape, generator=gen))
+        v = layer.v_cache.clone()
+        v[:, :, :length] = torch.randn(v[:, :, :length].shape, generator=gen)
+        scores = layer.score_cache.clone()
+        scores[:, :length] = torch.rand(scores[:, :length].shape, generator=gen)
+        filled.append(layer._replace(ssm=0.1 * torch.randn(layer.ssm.shape, generator=gen), k_cache=k, v_cache=v,
+                                     score_cache=scores, length=torch.full_like(layer.length, length)))
+    if isinstance(runner, EagerRunner):
+        return filled
+    return [t.contiguous() for layer in filled for t in layer]
+
+
+def time_steps(runner: Runner, state, iters: int, warmup: int = 3) -> float:
+    token = torch.tensor([ord("e")])
+    tau = torch.tensor(-1.0)
+    times = []
+    for i in range(warmup + iters):
+        start = time.perf_counter()
+        _, state = runner.step(token, tau, state)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+@click.command()
+@click.option("--model", "model_path", default="examples/models/tiny-ham.pt", show_default=True)
+@click.option("--lengths", default="256,4096", show_default=True, help="Cache lengths, comma separated.")
+@click.option("--iters", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+def main(model_path: str, lengths: str, iters: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    model = checkpoint.load(model_path).model
+    sizes = [int(x) for x in lengths.split(",")]
+    capacity = max(sizes) + iters + 8
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {ops: export_onnx(model, Path(tmp) / ops, capacity, "drop", ops) for ops in ("custom", "standard")}
+        eager = EagerRunner(model, capacity, "drop")
+        custom = load_runner(folders["custom"])
+        custom_copy = load_runner(folders["custom"], share_buffers=False)
+        standard = load_runner(folders["standard"])
+        assert isinstance(custom, OrtRunner) and custom.share_buffers
+        for length in sizes:
+            times = {name: time_steps(runner, filled_state(runner, model, length), iters)
+                     for name, runner in (("eager", eager), ("ort_custom_inplace", custom),
+                                          ("ort_custom_copy", custom_copy), ("ort_standard", standard))}
+            rows.append((length, times))
+    print(f"decode step, batch 1, tau = -1, {threads} threads, median of {iters} (ms; ratio = eager / backend)")
+    print("| cache length | eager | ORT custom, in place | ORT custom, copy | ORT standard |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for length, t in rows:
+        cells = [f"{t[name]:.3f} ({t['eager'] / t[name]:.1f}x)"
+                 for name in ("ort_custom_inplace", "ort_custom_copy", "ort_standard")]
+        print(f"| {length} | {t['eager']:.3f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
