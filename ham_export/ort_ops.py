@@ -74,6 +74,13 @@ def _diagnostics(library: str | Path | None) -> ctypes.CDLL:
     return lib
 
 
+def has_cuda_kernels(library: str | Path | None = None) -> bool:
+    """Whether the library was built with its CUDA kernels (``bash scripts/build-ort-ops.sh -DHAM_ORT_CUDA=ON``)."""
+    cuda_enabled = _diagnostics(library).HamOrtOpsCudaEnabled
+    cuda_enabled.argtypes, cuda_enabled.restype = [], ctypes.c_int
+    return bool(cuda_enabled())
+
+
 def cache_copy_stats(library: str | Path | None = None) -> tuple[int, int]:
     """(tensors, bytes) that CacheAppend copied from its cache inputs to its outputs since load or the last reset.
 

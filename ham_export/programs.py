@@ -117,6 +117,7 @@ def describe(model: HAMLM, capacity: int, dtype: str) -> dict[str, dict[str, lis
     """Names, dtypes, symbolic shapes and meanings of both programs' inputs and outputs."""
     cfg = model.cfg
     n, h, dk, dv = cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.head_dim_v
+    dtype = {"fp32": "float32", "fp16": "float16"}[dtype]
     shapes = {
         "ssm": (["B", h, dk, dv], "GDN state S"),
         "conv": (["B", cfg.conv_width - 1, cfg.qkv_channels], "last W-1 pre-conv rows of [q | k | v]"),

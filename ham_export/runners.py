@@ -175,11 +175,13 @@ class OrtRunner(Runner):
         else:
             options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.sessions = {
-            name: ort.InferenceSession(str(directory / manifest["programs"][name]["file"]), options,
-                                       providers=["CPUExecutionProvider"])
-            for name in ("prefill", "decode")
-        }
+        self.sessions = {}
+        for name in ("prefill", "decode"):
+            path = directory / manifest["programs"][name]["file"]
+            try:
+                self.sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # ONNX Runtime raises its own classes for bad files and unknown ops
+                raise mf.ArtifactError(f"ONNX Runtime cannot load {path}: {str(exc).strip()[:500]}") from None
         self.float_dtype = torch.float16 if manifest["dtype"] == "fp16" else torch.float32
         self.share_buffers = share_buffers and bool(library) and self.policy == "drop"
         self.past = state_names(self.n_layers, "past")

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The main job on the bundled model: install, inspect, evaluate at the model's own and two other thresholds.
+# The main job on the bundled model: install, build the ONNX Runtime op library, export to ONNX in both op
+# forms, check each export against eager PyTorch (prefill + 64 decode steps at 3 thresholds), and evaluate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup-venv.sh
+bash scripts/setup-venv.sh onnx
+bash scripts/build-ort-ops.sh
 export PATH="$PWD/.venv/bin:$PATH"
 model=examples/models/tiny-ham.pt
 ham-export inspect "$model"
-ham-export eval "$model" --threshold 0 --threshold 0.3 --threshold 3
+for ops in custom standard; do
+    ham-export onnx "$model" -o "build/onnx-$ops" --ops "$ops" --max-cache 1024
+    ham-export check "$model" "build/onnx-$ops" --steps 64
+done
+ham-export eval "$model" --threshold -1 --threshold 0.2 --threshold 0.4 --threshold 3
 ham-export eval "$model"

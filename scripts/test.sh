@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test suite: install with the dev extras, lint, then run every test.
+# The test suite: install with the dev and ONNX extras, build the ONNX Runtime op library, lint, run every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup-venv.sh dev
+bash scripts/setup-venv.sh dev onnx
+bash scripts/build-ort-ops.sh
 .venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"
