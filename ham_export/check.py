@@ -91,15 +91,20 @@ class _Tracker:
         # Route decisions first: they decide which sequences stay comparable.
         flips = ref.routed != got.routed  # [L, B, T]
         near = (ref.scores.double() - tau.double()[:, None, None]).abs() <= self.margin
-        far = flips & ~near & live[None, :, None]
+        # After a near flip at token t, every layer's input from token t on legitimately differs.
+        t = flips.shape[2]
+        position = torch.arange(t)
+        first_near = torch.where((flips & near).any(0), position, t).amin(1)  # [B]
+        comparable = live[None, :, None] & (position[None, None, :] < first_near[None, :, None])
+        far = flips & ~near & comparable
         self.result.far_flips += int(far.sum())
         if bool(far.any()):
             layer, seq, tok = (int(i) for i in far.nonzero()[0])
             self.result.failures.append(
                 f"{call}: route decision differs far from the threshold (layer {layer}, sequence {seq}, token "
                 f"{tok}: eager score {float(ref.scores[layer, seq, tok]):.6f}, tau {float(tau[layer]):.6f})")
-        near_flips = (flips & near & live[None, :, None]).any(2).any(0)  # [B]
-        self.result.near_flips += int((flips & near & live[None, :, None]).sum())
+        near_flips = live & (first_near < t)  # [B]
+        self.result.near_flips += int(near_flips.sum())
         self.routed += int(ref.routed[:, live].sum())
         self.tokens += int(ref.routed[:, live].numel())
         # Outputs and state of the sequences that had no near-threshold flip before or in this call.

@@ -116,7 +116,8 @@ class HAMLayer(nn.Module):
     def _score(self, x: torch.Tensor, vhat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The router's score [B, T]: min over heads of 1 - cos(vhat, v), or the learned router's p."""
         if self.router is None:
-            return ref.surprise(vhat, v).amin(-1)
+            # In fp32 whatever the working dtype: in fp16 the cosine's 1e-8 floor underflows and e(0, v) is NaN.
+            return ref.surprise(vhat.float(), v.float()).amin(-1).to(x.dtype)
         return torch.sigmoid(self.router(x)).squeeze(-1)
 
     def _combine(self, x: torch.Tensor, o_rnn: torch.Tensor, o_kv: torch.Tensor) -> torch.Tensor:

@@ -38,11 +38,13 @@ def bundled_artifacts(tmp_path_factory):
         code, output = run("onnx", BUNDLED, "-o", root / ops, "--ops", ops, "--max-cache", 160)
         assert code == 0, output
         folders[ops] = root / ops
+    code, output = run("torch", BUNDLED, "-o", root / "torch", "--max-cache", 160)
+    assert code == 0, output
+    folders["torch"] = root / "torch"
     return folders
 
 
-@needs_library
-@pytest.mark.parametrize("ops", ["custom", "standard"])
+@pytest.mark.parametrize("ops", [pytest.param("custom", marks=needs_library), "standard", "torch"])
 def test_bundled_model_checks_at_three_thresholds(bundled_artifacts, ops):
     code, output = run("check", BUNDLED, bundled_artifacts[ops], "--steps", 64, "--json")
     assert code == 0, output
@@ -137,3 +139,14 @@ def test_runner_rejects_bad_tokens_and_thresholds(small, tmp_path):
         runner.prefill(torch.tensor([[1, 300]]), torch.tensor(0.5))
     with pytest.raises(Exception, match="finite"):
         runner.prefill(torch.tensor([[1, 2]]), torch.tensor(float("nan")))
+
+
+@pytest.mark.parametrize("ops", [pytest.param("custom", marks=needs_library), "standard"])
+def test_fp16_export_checks_against_fp32_eager(small, tmp_path, ops):
+    folder = export_onnx(small, tmp_path / "art", 32, "drop", ops, "fp16")
+    ckpt = checkpoint.save_pt(small, tmp_path / "m.pt")
+    code, output = run("check", ckpt, folder, "--steps", 6, "--json")
+    assert code == 0, output
+    report = json.loads(output)
+    assert report["atol"] == 3e-2 and 0 < report["max_abs_err"] < 3e-2
+    assert json.loads((folder / MANIFEST).read_text())["dtype"] == "fp16"
