@@ -152,3 +152,14 @@ def test_broken_artifacts_exit_2(tmp_path, artifact):
         load_runner(cut)
     code, output = run("check", ckpt, cut)
     assert code == 2 and "Traceback" not in output
+
+
+def test_greedy_generation_is_the_same_on_eager_and_exported(model, artifact):
+    from ham_export.generate import greedy
+
+    runner = load_runner(artifact)
+    eager = EagerRunner(model, runner.capacity, runner.policy)
+    tokens, outputs = greedy(runner, prompts(), 6, -1.0)
+    expected, _ = greedy(eager, prompts(), 6, -1.0)
+    assert tokens.shape == (3, 6) and torch.equal(tokens, expected)
+    assert len(outputs) == 6 and int(outputs[-1].overflow.sum()) > 0  # capacity 12 < 16 + 6
