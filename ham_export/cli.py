@@ -257,5 +257,148 @@ def check(model: str, artifact: str, prompts: str | None, steps: int, thresholds
         sys.exit(1)
 
 
+@main.command("tvm")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=str), required=True)
+@click.option("--target", default="llvm", show_default=True,
+              help="TVM target: llvm (this CPU), cuda (an NVIDIA H100, sm_90; compiles without a GPU) or a TVM "
+                   "target tag such as nvidia/nvidia-a100.")
+@click.option("--from", "from_form", type=click.Choice(["exported", "onnx"]), default="exported", show_default=True,
+              help="What to import: the torch.export programs (onnx is refused: TVM cannot import its Scan/Loop).")
+@_export_options
+@_user_errors
+def tvm_(model: str, out: str, target: str, from_form: str, max_cache: int | None, context: int, policy: str) -> None:
+    """Compile the prefill and decode programs with Apache TVM (prefill.so, decode.so, ham_export.json)."""
+    from . import checkpoint
+    from .tvm_backend import export_tvm
+
+    ckpt = checkpoint.load(model)
+    folder = export_tvm(ckpt.model, out, max_cache or context, policy, target, source=ckpt.path, from_form=from_form)
+    err.print(f"wrote {folder}/prefill.so, decode.so and ham_export.json (TVM, target {target}, capacity "
+              f"{max_cache or context}, policy {policy})")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--artifact", type=click.Path(path_type=str), default=None,
+              help="An ONNX Runtime artifact folder: its capacity and dtype are used, and a real prefill + decode "
+                   "of --context bytes at 3 thresholds checks the prediction against the memory it holds (slow: "
+                   "about 15 s per threshold at 8192).")
+@click.option("--context", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Sequence length (prompt + generated) to size for.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences decoded at once.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Weights and state dtype (default: the artifact's, else fp32).")
+@click.option("--thresholds", "thresholds_text", default=None,
+              help="Thresholds for every layer, comma-separated, e.g. 0.3,0.5,0.8.")
+@click.option("--sweep", is_flag=True, help="Sweep 0 to 1.2 (the default when --thresholds is not given).")
+@click.option("--data", type=click.Path(path_type=str), default=None,
+              help="Text file to measure fill and quality on (default: the bundled held-out pydoc topics).")
+@click.option("--budget", default=None, help="Memory budget, e.g. 512MiB, 4GiB, 1.5GB (units B, KiB, MiB, GiB, "
+                                             "TiB, KB, MB, GB, TB).")
+@click.option("--window", type=click.IntRange(min=16), default=512, show_default=True,
+              help="Bytes per document for the measured fill.")
+@click.option("--docs", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Documents (windows spread over the data) to measure on.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Write a PNG of memory and quality against threshold (needs matplotlib).")
+@_user_errors
+def memory(model: str, artifact: str | None, context: int, batch: int, dtype: str | None,
+           thresholds_text: str | None, sweep: bool, data: str | None, budget: str | None, window: int, docs: int,
+           as_json: bool, plot: str | None) -> None:
+    """Memory per threshold at a context and batch: measured cache fill, bytes, quality; the choice for a budget."""
+    from rich.progress import Progress
+
+    from . import checkpoint
+    from . import manifest as mf
+    from .data import pydoc_corpus, read_text_file
+    from .errors import InputError
+    from .memreport import SWEEP, memory_report, parse_thresholds, plot_report
+    from .memverify import verify_ort
+    from .units import format_size, parse_size
+
+    if sweep and thresholds_text is not None:
+        raise InputError("give --thresholds or --sweep, not both")
+    thresholds = parse_thresholds(thresholds_text) if thresholds_text is not None else list(SWEEP)
+    budget_bytes = parse_size(budget, "--budget") if budget is not None else None
+    ckpt = checkpoint.load(model)
+    capacity = None
+    if artifact is not None:
+        _, manifest = mf.read(artifact)
+        capacity = manifest["capacity"]
+        if dtype is not None and dtype != manifest["dtype"]:
+            raise InputError(f"--dtype {dtype} differs from the artifact's {manifest['dtype']}")
+        dtype = manifest["dtype"]
+    dtype = dtype or "fp32"
+    text, source = (read_text_file(data), data) if data else (pydoc_corpus().held_out, "held-out pydoc topics")
+    with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
+        task = bar.add_task("measuring fill", total=min(docs, max(1, (len(text) - 1) // min(window, context)))
+                            * (len(thresholds) + 1))
+        report = memory_report(ckpt.model, text, context, batch, dtype, thresholds, budget_bytes, window, docs,
+                               str(ckpt.path), source, progress=lambda n: bar.advance(task, n))
+    if artifact is not None:
+        scalar = sorted(set(thresholds))
+        picks = sorted({scalar[0], scalar[len(scalar) // 2], scalar[-1]})
+        expected = {r.threshold: r.fill.expected_per_layer for r in report.rows}
+        report.verification = verify_ort(artifact, text, context, picks, batch, expected_fill=expected)
+    if plot:
+        plot_report(report, plot)
+    result = report.to_dict()
+    failed = (report.budget is not None and report.budget.best is None) or any(
+        not v["within_tolerance"] for v in report.verification or [])
+    if as_json:
+        _emit_json(result)
+        if failed:
+            sys.exit(1)
+        return
+    table = Table(title=f"{ckpt.path}: memory at context {context:,}, batch {batch}, {dtype} (fill measured on "
+                        f"{source}, {report.documents} documents of {report.window} bytes)")
+    for column in ("threshold", "KV fraction", "p10-p90", "capacity", "KV bytes", "fixed state", "weights",
+                   "workspace", "total", "bits/byte", "vs own", "fits"):
+        table.add_column(column, justify="right")
+    for row in [*report.rows, report.own]:
+        spread = row.fill.spread()
+        table.add_row(row.label, f"{row.fill.fraction:.4f}", f"{spread['p10']:.3f}-{spread['p90']:.3f}",
+                      f"{row.memory.capacity:,}", format_size(row.memory.kv_bytes),
+                      format_size(row.memory.state_bytes), format_size(row.memory.weights_bytes),
+                      format_size(row.memory.workspace_bytes), format_size(row.memory.total_bytes),
+                      f"{row.bits_per_byte:.4f}", f"{row.delta_bits_per_byte:+.4f}",
+                      "" if row.fits is None else ("[green]yes[/]" if row.fits else "[red]no[/]"))
+    out.print(table)
+    check = report.extrapolation_check
+    out.print(f"extrapolation check: fitting positions up to {check['fit_window']} predicts the cached fraction at "
+              f"{check['predict_at']} within {check['mean_abs_error']:.3f} (mean), {check['max_abs_error']:.3f} (max)")
+    if capacity is not None:
+        out.print(f"the artifact's capacity is {capacity:,}: it allocates that much cache whatever the threshold")
+    if report.budget is not None:
+        choice = report.budget
+        if choice.best is not None:
+            out.print(f"budget {format_size(choice.budget)}: {len(choice.fitting)} threshold(s) fit; best quality "
+                      f"at tau={choice.best.label} ({choice.best.bits_per_byte:.4f} bits/byte): build with "
+                      f"--max-cache {choice.best.memory.capacity} (margin {format_size(choice.margin)})")
+        else:
+            out.print(f"[red]budget {format_size(choice.budget)}: no threshold fits[/]; a fixed cache of "
+                      f"{choice.safe_capacity} entries with --policy evict does")
+        comparison = report.policy_comparison or {}
+        if "evict_cost_bits_per_byte" in comparison:
+            out.print(f"budget-safe alternative: own thresholds + evict at the same memory: "
+                      f"{comparison['evict']['bits_per_byte']:.4f} bits/byte "
+                      f"({comparison['evict_cost_bits_per_byte']:+.4f} vs the threshold; drop: "
+                      f"{comparison['drop']['bits_per_byte']:.4f})")
+        elif comparison:
+            out.print(f"evict at that capacity: {comparison['evict']['bits_per_byte']:.4f} bits/byte; drop: "
+                      f"{comparison['drop']['bits_per_byte']:.4f}")
+    for v in report.verification or []:
+        out.print(f"ONNX Runtime at tau={v['threshold']:g}: predicted {format_size(v['predicted_bytes'])}, measured "
+                  f"{format_size(v['measured_bytes'])} (state {format_size(v['state_bytes'])} + decode peak "
+                  f"{format_size(v['decode_peak_bytes'])}): {100 * v['relative_difference']:+.2f}%, cache lengths "
+                  f"{v['cache_length_per_layer']}")
+    if plot:
+        out.print(f"wrote {plot}")
+    if failed:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -209,7 +209,7 @@ class OrtRunner(Runner):
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         fresh = [name for name in (*HEAD_OUTPUTS, *self.present) if name.rsplit(".", 1)[-1] not in SHARED_FIELDS]
-        for name in fresh:  # bound first: copy_outputs_to_cpu returns outputs in binding order
+        for name in fresh:  # bound first: get_outputs returns outputs in binding order
             binding.bind_output(name, "cpu")
         # Each cache is bound as both input and output: CacheAppend writes the new entries in place.
         for past, present in zip(self.past, self.present, strict=True):
@@ -217,7 +217,8 @@ class OrtRunner(Runner):
                 value = feeds[past]
                 binding.bind_output(present, "cpu", 0, value.dtype, list(value.shape), value.ctypes.data)
         session.run_with_iobinding(binding)
-        produced = dict(zip(fresh, binding.copy_outputs_to_cpu()[: len(fresh)], strict=True))
+        # Only the fresh outputs are read out; reading the shared caches would copy them.
+        produced = {name: value.numpy() for name, value in zip(fresh, binding.get_outputs(), strict=False)}
         head = Output(*(torch.from_numpy(produced[name]) for name in HEAD_OUTPUTS))
         new_state = [tensor if present.rsplit(".", 1)[-1] in SHARED_FIELDS else torch.from_numpy(produced[present])
                      for present, tensor in zip(self.present, state, strict=True)]
@@ -227,6 +228,59 @@ class OrtRunner(Runner):
         return list(state)
 
 
+class TvmRunner(Runner):
+    """The TVM-compiled programs (``prefill.so``, ``decode.so``) in the Relax VM, on the CPU or a CUDA device.
+
+    The state is a list of TVM tensors on the device. A decode step updates the caches of the state it is given in
+    place (the TIR cache append writes only the new rows) and returns them in the new state, so a state must not be
+    stepped twice; a state of torch tensors (from :meth:`state_tensors` or elsewhere) is copied to the device first
+    and is never modified.
+    """
+
+    name = "tvm"
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+        from .tvm_backend import load_programs
+
+        self.capacity, self.policy = manifest["capacity"], manifest["policy"]
+        self.n_layers, self.vocab_size = manifest["model"]["n_layers"], manifest["model"]["vocab_size"]
+        self.manifest, self.dtype = manifest, manifest["dtype"]
+        self.device, machines = load_programs(directory, manifest)
+        self.prefill_fn, self.decode_fn = machines["prefill"]["main"], machines["decode"]["main"]
+        self.state_inputs = manifest["programs"]["decode"]["inputs"][2:]
+        log.info("tvm runner: target %s", manifest.get("target"))
+
+    def _tensor(self, value: torch.Tensor):
+        import tvm
+
+        return tvm.runtime.tensor(value.detach().contiguous().cpu().numpy(), self.device)
+
+    def _call(self, fn, args) -> tuple[Output, list]:
+        outputs = list(fn(*args))
+        head = Output(*(torch.from_numpy(t.numpy()) for t in outputs[: len(HEAD_OUTPUTS)]))
+        return head, outputs[len(HEAD_OUTPUTS):]
+
+    def _prefill(self, tokens, thresholds):
+        return self._call(self.prefill_fn, [self._tensor(tokens), self._tensor(thresholds)])
+
+    def _step(self, token, thresholds, state):
+        state = list(state)
+        if len(state) != len(self.state_inputs):
+            raise InputError(f"a state has {len(self.state_inputs)} tensors (6 per layer), got {len(state)}")
+        batch = token.shape[0]
+        args = [self._tensor(token), self._tensor(thresholds)]
+        for info, value in zip(self.state_inputs, state, strict=True):
+            shape = [batch if d == "B" else d for d in info["shape"]]
+            dtype = str(value.dtype).removeprefix("torch.")
+            if list(value.shape) != shape or dtype != info["dtype"]:
+                raise InputError(f"{info['name']} must be {info['dtype']} {shape}, got {dtype} {list(value.shape)}")
+            args.append(self._tensor(value) if isinstance(value, torch.Tensor) else value)
+        return self._call(self.decode_fn, args)
+
+    def state_tensors(self, state):
+        return [t if isinstance(t, torch.Tensor) else torch.from_numpy(t.numpy()) for t in state]
+
+
 def load_runner(artifact: str | Path, share_buffers: bool = True) -> Runner:
     """The runner for an artifact folder (or a file in it), chosen by its manifest's backend."""
     directory, manifest = mf.read(artifact)
@@ -234,6 +288,8 @@ def load_runner(artifact: str | Path, share_buffers: bool = True) -> Runner:
     log.info("loading %s artifact from %s", backend, directory)
     if backend == "onnxruntime":
         return OrtRunner(directory, manifest, share_buffers)
+    if backend == "tvm":
+        return TvmRunner(directory, manifest)
     from . import ops  # noqa: F401  (the programs call torch.ops.ham.*)
 
     programs = {}
@@ -262,5 +318,5 @@ def eager_runner_like(model: HAMLM, runner: Runner) -> EagerRunner:
     return EagerRunner(model, runner.capacity, runner.policy)
 
 
-__all__ = ["EagerRunner", "ExportedProgramRunner", "OrtRunner", "Output", "Runner", "load_runner",
+__all__ = ["EagerRunner", "ExportedProgramRunner", "OrtRunner", "Output", "Runner", "TvmRunner", "load_runner",
            "unflatten_state"]
