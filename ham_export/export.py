@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -94,9 +96,10 @@ def export_onnx(model: HAMLM, out: str | Path, capacity: int, policy: str = "dro
     for name, program in programs.items():
         path = out / f"{name}.onnx"
         inputs, outputs = names[name]
-        onnx_program = torch.onnx.export(program, f=None, dynamo=True, input_names=inputs, output_names=outputs,
-                                         custom_translation_table=translation_table(ops), verbose=False,
-                                         optimize=True)
+        with _quiet_exporter():
+            onnx_program = torch.onnx.export(program, f=None, dynamo=True, input_names=inputs,
+                                             output_names=outputs, custom_translation_table=translation_table(ops),
+                                             verbose=False, optimize=True)
         onnx_program.save(str(path), external_data=large)
         onnx.checker.check_model(str(path), full_check=True)
     library = {"name": "libham_ort_ops.so", "domain": "ham.ai", "version": 1,
@@ -106,6 +109,20 @@ def export_onnx(model: HAMLM, out: str | Path, capacity: int, policy: str = "dro
                            {"ops": ops, "op_library": library, **identity}))
     log.info("wrote ONNX programs (%s ops, %s) to %s", ops, dtype, out)
     return out
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's chatter (absent torchvision ops, pytree deprecations) says nothing about this export."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        exporter_log.setLevel(level)
 
 
 def _cast_copy(model: HAMLM, dtype: torch.dtype) -> HAMLM:
