@@ -1,0 +1,191 @@
+// Greedy decoding with a ham-export TVM artifact (prefill.so, decode.so, ham_export.json), from C++.
+//
+//   tvm_greedy DIR PROMPT STEPS
+//
+// Loads the two Relax VM libraries with the tvm-ffi runtime (libtvm_ffi.so + libtvm_runtime.so from the
+// apache-tvm wheel), prefills the UTF-8 bytes of PROMPT as one sequence, then picks the most likely token STEPS
+// times (the first from the prefill's last position, each later one from a decode step) and prints the STEPS token
+// ids on one line. The thresholds are read from the manifest's "thresholds" array. CPU (llvm) artifacts only.
+//
+// Exit codes: 0 ok, 2 bad arguments or manifest, 1 a TVM error.
+
+#include <dlpack/dlpack.h>
+#include <tvm/ffi/any.h>
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace ffi = tvm::ffi;
+
+namespace {
+
+// The argument error type: reported with exit code 2.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Host memory for tensors made here (64-byte aligned, as TVM's kernels prefer).
+struct HostAlloc {
+  void AllocData(DLTensor* t) {
+    size_t bytes = ffi::GetDataSize(*t);
+    size_t rounded = (bytes + 63) / 64 * 64;
+    t->data = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+    if (t->data == nullptr) throw std::bad_alloc();
+  }
+  void FreeData(DLTensor* t) { std::free(t->data); }
+};
+
+constexpr DLDevice kCpu{kDLCPU, 0};
+constexpr DLDataType kInt64{kDLInt, 64, 1};
+constexpr DLDataType kFloat32{kDLFloat, 32, 1};
+
+ffi::Tensor HostTensor(std::vector<int64_t> shape, DLDataType dtype, const void* src) {
+  ffi::Tensor t = ffi::Tensor::FromNDAlloc(HostAlloc(), ffi::ShapeView(shape.data(), shape.size()), dtype, kCpu);
+  std::memcpy(t.data_ptr(), src, ffi::GetDataSize(*t.GetDLTensorPtr()));
+  return t;
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw UsageError("cannot read " + path);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// The numbers of the first "thresholds": [...] array in the manifest (a flat list of floats; no JSON library).
+std::vector<float> ManifestThresholds(const std::string& manifest_path) {
+  std::string text = ReadFile(manifest_path);
+  size_t key = text.find("\"thresholds\"");
+  if (key == std::string::npos) throw UsageError(manifest_path + " has no \"thresholds\"");
+  size_t open = text.find('[', key);
+  size_t close = text.find(']', open);
+  if (open == std::string::npos || close == std::string::npos) {
+    throw UsageError(manifest_path + ": \"thresholds\" is not an array");
+  }
+  std::vector<float> values;
+  std::string body = text.substr(open + 1, close - open - 1);
+  std::stringstream items(body);
+  std::string item;
+  while (std::getline(items, item, ',')) {
+    if (item.find_first_not_of(" \t\r\n") == std::string::npos) continue;
+    char* end = nullptr;
+    double v = std::strtod(item.c_str(), &end);
+    if (end == item.c_str()) throw UsageError(manifest_path + ": bad threshold '" + item + "'");
+    values.push_back(static_cast<float>(v));
+  }
+  if (values.empty()) throw UsageError(manifest_path + ": empty \"thresholds\"");
+  return values;
+}
+
+// A Relax VM for one compiled library (the VM module, which owns the executable, and its "main").
+struct Program {
+  ffi::Module vm;
+  ffi::Function main;
+};
+
+// Loads the library into a VM on the CPU with the pooled allocator, as tvm.relax.VirtualMachine(lib, tvm.cpu()).
+Program Load(const std::string& path) {
+  ffi::Module lib = ffi::Module::LoadFromFile(path);
+  ffi::Optional<ffi::Function> load = lib->GetFunction("vm_load_executable");
+  if (!load.has_value()) throw UsageError(path + " is not a Relax VM library (no vm_load_executable)");
+  ffi::Module vm = (*load)().cast<ffi::Module>();
+  // Arguments per device: DLPack device type, index, allocator (1 naive, 2 pooled); the CPU is the only one.
+  constexpr int kPooled = 2;
+  vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooled);
+  ffi::Optional<ffi::Function> main = vm->GetFunction("main");
+  if (!main.has_value()) throw UsageError(path + " has no function main");
+  return Program{vm, *main};
+}
+
+// The index of the largest of n floats (the first on ties, as torch.argmax on the CPU).
+int64_t ArgMax(const float* row, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i) {
+    if (row[i] > row[best]) best = i;
+  }
+  return best;
+}
+
+// The last position's logits of a [1, T, V] or [1, V] float32 tensor -> its argmax.
+int64_t LastArgMax(const ffi::Tensor& logits) {
+  const DLTensor* t = logits.GetDLTensorPtr();
+  if (t->device.device_type != kDLCPU || t->dtype.code != kDLFloat || t->dtype.bits != 32 || t->ndim < 2) {
+    throw std::runtime_error("logits must be a float32 CPU tensor [1, ..., V]");
+  }
+  int64_t vocab = t->shape[t->ndim - 1];
+  int64_t rows = logits.numel() / vocab;
+  const float* data = static_cast<const float*>(logits.data_ptr());
+  return ArgMax(data + (rows - 1) * vocab, vocab);
+}
+
+int Run(int argc, char** argv) {
+  if (argc != 4) throw UsageError("usage: tvm_greedy DIR PROMPT STEPS");
+  std::string dir = argv[1], prompt = argv[2];
+  char* end = nullptr;
+  long steps = std::strtol(argv[3], &end, 10);
+  if (*argv[3] == '\0' || *end != '\0' || steps < 0) throw UsageError("STEPS must be a whole number >= 0");
+  if (prompt.empty()) throw UsageError("PROMPT must not be empty");
+
+  std::vector<float> thresholds = ManifestThresholds(dir + "/ham_export.json");
+  Program prefill_program = Load(dir + "/prefill.so");
+  Program decode_program = Load(dir + "/decode.so");
+  const ffi::Function& prefill = prefill_program.main;
+  const ffi::Function& decode = decode_program.main;
+
+  std::vector<int64_t> ids;
+  for (unsigned char c : prompt) ids.push_back(c);  // byte-level vocabulary: token id = UTF-8 byte
+  ffi::Tensor tokens = HostTensor({1, static_cast<int64_t>(ids.size())}, kInt64, ids.data());
+  ffi::Tensor thr = HostTensor({static_cast<int64_t>(thresholds.size())}, kFloat32, thresholds.data());
+
+  // Outputs: logits, scores, routed, overflow, then the state (6 tensors a layer) that decode takes back.
+  constexpr size_t kHead = 4;
+  auto outputs = prefill(tokens, thr).cast<ffi::Array<ffi::Any>>();
+  if (outputs.size() <= kHead) throw std::runtime_error("prefill returned too few outputs");
+  int64_t token = LastArgMax(outputs[0].cast<ffi::Tensor>());
+
+  std::vector<int64_t> picked;
+  for (long step = 0; step < steps; ++step) {
+    picked.push_back(token);
+    if (step + 1 == steps) break;
+    // decode(token, thresholds, *state): the caches of the state are updated in place and returned again.
+    // Array::operator[] returns by value: hold the state elements while the views point at them.
+    std::vector<ffi::Any> state(outputs.begin() + kHead, outputs.end());
+    ffi::Tensor token_t = HostTensor({1}, kInt64, &token);
+    std::vector<ffi::AnyView> args{token_t, thr};
+    for (const ffi::Any& s : state) args.push_back(s);
+    ffi::Any result;
+    decode.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
+    outputs = result.cast<ffi::Array<ffi::Any>>();
+    token = LastArgMax(outputs[0].cast<ffi::Tensor>());
+  }
+  for (size_t i = 0; i < picked.size(); ++i) std::cout << (i ? " " : "") << picked[i];
+  std::cout << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return Run(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << "tvm_greedy: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {  // ffi::Error derives from std::exception
+    std::cerr << "tvm_greedy: " << e.what() << "\n";
+    return 1;
+  }
+}
