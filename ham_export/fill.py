@@ -1,7 +1,9 @@
 """Measured cache fill: how many tokens each layer routes into its KV cache on real text, and how that grows.
 
 The model runs over documents (non-overlapping windows of ``window`` bytes, spread evenly over the text) at a
-threshold. For each document and layer it records the cumulative count of cached tokens at every position, and the
+threshold, in its prefill form ``CHUNK`` tokens at a time with an explicit, growing state (memory O(W x cached),
+not the parallel form's O(W^2), so windows can be as long as the context).
+For each document and layer it records the cumulative count of cached tokens at every position, and the
 bits per byte of the same pass. The count is then extrapolated to the requested context length per document, with a
 power law ``count(t) = a * t**b`` fitted in log-log space over positions ``window/8..window`` and anchored at the
 count at ``window`` (``b`` clamped to [0, 1]: a cache never grows faster than the sequence). The spread over
@@ -9,7 +11,8 @@ documents is kept, not averaged away. :func:`extrapolation_check` measures how w
 itself: fit on the first half of each window, predict the count at its end.
 
 :func:`policy_quality` measures the bits per byte of a fixed-capacity cache under an overflow policy (``drop`` or
-``evict``) with the eager model's decode step.
+``evict``) with the chunked prefill form (small chunks). The capacity to build with is ``SAFETY`` x the largest
+predicted count over documents and layers.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .model import HAMLM
+from .model import HAMLM, LayerState
 
 FIT_START = 8  # the fit uses positions from window / FIT_START on: the first tokens of a document route unusually
 MIN_WINDOW = 16
+CHUNK = 512  # tokens per prefill call in the fill measurement
+SAFETY = 1.25  # capacity = SAFETY x the largest predicted count over documents and layers
 
 
 def documents(data: bytes, window: int, max_docs: int) -> torch.Tensor:
@@ -67,10 +72,24 @@ class FillRun:
         return (self.counts[..., -1] / self.window).mean(0).tolist()
 
 
+def _grow(state: list[LayerState], capacity: int) -> list[LayerState]:
+    """The same state with room for ``capacity`` cache entries (zero padding past the old capacity)."""
+    def pad(x: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = list(x.shape)
+        shape[dim] = capacity - shape[dim]
+        return torch.cat([x, x.new_zeros(shape)], dim)
+    return [LayerState(s.ssm, s.conv, pad(s.k_cache, 2), pad(s.v_cache, 2), pad(s.score_cache, 1), s.length)
+            for s in state]
+
+
 @torch.no_grad()
 def measure_fill(model: HAMLM, docs: torch.Tensor, thresholds: Sequence[float | None], batch_size: int = 8,
-                 progress: Callable[[int], None] | None = None) -> list[FillRun]:
-    """Run the parallel form over ``docs`` [D, W + 1] at each threshold (None: the model's own)."""
+                 progress: Callable[[int], None] | None = None, chunk: int = CHUNK) -> list[FillRun]:
+    """Run the prefill form over ``docs`` [D, W + 1] at each threshold (None: the model's own), ``chunk`` tokens
+    at a time with an explicit state, so that memory is O(W * cached) rather than the parallel form's O(W^2).
+
+    The cache starts at ``chunk`` entries and grows (zero padding) before any chunk that could overflow it, so no
+    routed token is ever dropped (policy ``error``): the counts are exactly those of the parallel form."""
     was_training = model.training
     model.eval()
     runs = []
@@ -79,9 +98,19 @@ def measure_fill(model: HAMLM, docs: torch.Tensor, thresholds: Sequence[float | 
         counts, nll = [], 0.0
         for start in range(0, docs.shape[0], batch_size):
             batch = docs[start: start + batch_size]
-            logits, routes = model(batch[:, :-1], tau)
-            nll += float(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
-            counts.append(torch.stack([r.routed.to(torch.float64).cumsum(-1) for r in routes], dim=1))
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            state = model.init_state(batch.shape[0], min(chunk, inputs.shape[1]))
+            routed = []
+            for lo in range(0, inputs.shape[1], chunk):
+                piece = inputs[:, lo: lo + chunk]
+                need = int(max(int(s.length.max()) for s in state)) + piece.shape[1]
+                if need > state[0].k_cache.shape[2]:
+                    state = _grow(state, max(need, 2 * state[0].k_cache.shape[2]))
+                logits, state, routes = model.prefill(piece, state, tau, policy="error")
+                nll += float(F.cross_entropy(logits.flatten(0, 1), targets[:, lo: lo + chunk].flatten(),
+                                             reduction="sum"))
+                routed.append(torch.stack([r.routed for r in routes], dim=1))  # [B, L, chunk]
+            counts.append(torch.cat(routed, -1).to(torch.float64).cumsum(-1))
             if progress is not None:
                 progress(batch.shape[0])
         asked = [float(t) for t in tau.tolist()]
@@ -141,7 +170,8 @@ class FillPrediction:
     """The expected cache fill at ``context`` for one threshold.
 
     entries: [D, L] predicted cached entries per document and layer; expected_per_layer: mean over documents;
-    capacity: the cache capacity that holds every document's prediction in every layer (max, rounded up, >= 1).
+    capacity: the cache capacity to build with: SAFETY (1.25) x the largest prediction over documents and layers,
+    rounded up, in [1, context].
     """
 
     context: int
@@ -167,33 +197,43 @@ class FillPrediction:
 
     @property
     def capacity(self) -> int:
-        return max(1, min(self.context, math.ceil(float(self.entries.max()) - 1e-9)))
+        return max(1, min(self.context, math.ceil(SAFETY * float(self.entries.max()) - 1e-9)))
 
 
 def predict_fill(run: FillRun, context: int) -> FillPrediction:
     return FillPrediction(context, extrapolate_counts(run.counts, context))
 
 
-@torch.no_grad()
-def policy_quality(model: HAMLM, docs: torch.Tensor, thresholds: float | list[float] | None, capacity: int,
-                   policy: str) -> dict[str, float]:
-    """Bits per byte of ``docs`` [D, W + 1] decoded token by token with a cache of ``capacity`` entries under
-    ``policy`` (eager :meth:`HAMLM.step`, so that attention never sees more than the cache holds).
+POLICY_CHUNK = 64  # tokens per prefill call in policy_quality: a chunk's own routed tokens are seen beyond capacity
 
-    Returns bits_per_byte, the mean fill of the cache at the end (fraction of ``capacity``) and the fraction of
-    routed tokens that overflowed."""
+
+@torch.no_grad()
+def policy_quality(model: HAMLM, docs: torch.Tensor, thresholds: float | list[float] | None, capacity: int | None,
+                   policy: str, chunk: int = POLICY_CHUNK) -> dict[str, float]:
+    """Bits per byte of ``docs`` [D, W + 1] prefilled ``chunk`` tokens at a time with a cache of ``capacity``
+    entries under ``policy`` (``drop``, ``evict``); ``capacity`` None: a cache that grows, nothing overflows.
+
+    Within a chunk, attention sees the cache plus the chunk's routed tokens, so up to ``chunk`` tokens beyond the
+    capacity (``chunk=1`` is a token-by-token decode). Returns bits_per_byte, the mean fill of the cache at the
+    end (fraction of ``capacity``, or of the window when it grows) and the fraction of routed tokens that
+    overflowed."""
     was_training = model.training
     model.eval()
     tau = model.thresholds(thresholds)
     inputs, targets = docs[:, :-1], docs[:, 1:]
-    state = model.init_state(docs.shape[0], capacity)
+    state = model.init_state(docs.shape[0], capacity if capacity is not None else chunk)
     nll, routed, overflow = 0.0, 0.0, 0.0
-    for t in range(inputs.shape[1]):
-        logits, state, routes = model.step(inputs[:, t], state, tau, policy)
-        nll += float(F.cross_entropy(logits, targets[:, t], reduction="sum"))
+    for lo in range(0, inputs.shape[1], chunk):
+        piece = inputs[:, lo: lo + chunk]
+        if capacity is None:
+            need = int(max(int(s.length.max()) for s in state)) + piece.shape[1]
+            if need > state[0].k_cache.shape[2]:
+                state = _grow(state, max(need, 2 * state[0].k_cache.shape[2]))
+        logits, state, routes = model.prefill(piece, state, tau, "error" if capacity is None else policy)
+        nll += float(F.cross_entropy(logits.flatten(0, 1), targets[:, lo: lo + chunk].flatten(), reduction="sum"))
         routed += sum(float(r.routed.sum()) for r in routes)
         overflow += sum(float(r.overflow.sum()) for r in routes)
     model.train(was_training)
-    fill = float(torch.stack([s.length for s in state]).double().mean()) / capacity
+    fill = float(torch.stack([s.length for s in state]).double().mean()) / (capacity or inputs.shape[1])
     return {"bits_per_byte": nll / targets.numel() / math.log(2), "fill": fill,
             "overflow_fraction": overflow / routed if routed else 0.0}

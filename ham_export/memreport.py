@@ -17,11 +17,12 @@ from .model import HAMLM
 from .units import format_size
 
 SWEEP = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2)
-DEFAULT_WINDOW = 512
-DEFAULT_DOCS = 8
-EXTRAPOLATION = ("per document and layer, the cumulative count of cached tokens over positions W/8..W of a window "
-                 "of W bytes is fitted with count(t) = a * t^b in log-log space (b in [0, 1], anchored at the count "
-                 "at W) and evaluated at the context; capacity = the largest prediction over documents and layers")
+DEFAULT_WINDOW = 2048  # 4 windows of 2 KiB: a 4x extrapolation to 8192 within the one-minute budget of a sweep
+DEFAULT_DOCS = 4
+EXTRAPOLATION = ("per document and layer, the cumulative count of cached tokens (chunked prefill, explicit state) "
+                 "over positions W/8..W of a window of W bytes is fitted with count(t) = a * t^b in log-log space "
+                 "(b in [0, 1], anchored at the count at W) and evaluated at the context (the measured count when "
+                 f"W >= context); capacity = {fl.SAFETY:g} x the largest prediction over documents and layers")
 
 
 @dataclass
@@ -183,15 +184,16 @@ def memory_report(model: HAMLM, data: bytes, context: int, batch: int = 1, dtype
 def compare_policies(model: HAMLM, docs, context: int, capacity: int,
                      threshold: float | list[float] | None) -> dict[str, Any]:
     """The quality of a cache of ``capacity`` entries at ``context`` three ways: the plain ``threshold`` whose
-    predicted fill it is (no overflow), and the model's own thresholds with that capacity under ``evict`` and
-    under ``drop``. Measured on the documents (W bytes each) with the capacity scaled to the same share of the
-    sequence, round(capacity * W / context), since the documents are shorter than the context."""
+    predicted fill it is (a growing cache, no overflow), and the model's own thresholds with that capacity under
+    ``evict`` and under ``drop``. Measured on the documents (W bytes each) with chunked prefill
+    (``fill.POLICY_CHUNK`` tokens a call); when W < context the capacity is scaled to the same share of the
+    sequence, round(capacity * W / context)."""
     w = docs.shape[1] - 1
     scaled = max(1, round(capacity * w / context)) if context > w else capacity
     result: dict[str, Any] = {"capacity": capacity, "window": w, "capacity_in_window": scaled,
-                              "documents": docs.shape[0], "decode": "eager step by step"}
+                              "documents": docs.shape[0], "decode": f"prefill, {fl.POLICY_CHUNK} tokens a call"}
     if threshold is not None:
-        result["threshold"] = {"threshold": threshold, **fl.policy_quality(model, docs, threshold, w, "drop")}
+        result["threshold"] = {"threshold": threshold, **fl.policy_quality(model, docs, threshold, None, "drop")}
     for policy in ("evict", "drop"):
         result[policy] = {"threshold": list(model.cfg.thresholds),
                           **fl.policy_quality(model, docs, None, scaled, policy)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,32 @@ def test_fill_is_measured_per_position():
     assert nothing.counts.sum() == 0
     assert fl.predict_fill(everything, 1000).capacity == 1000
     assert fl.predict_fill(nothing, 1000).capacity == 1
+
+
+def test_chunked_fill_matches_parallel_form():
+    """The chunked prefill (growing state) routes exactly as the parallel form; the capacity has the margin."""
+    model = make_small_model()
+    docs = fl.documents(TEXT, 100, 3)
+    tau = 0.2
+    (run,) = fl.measure_fill(model, docs, [tau], chunk=16)
+    with torch.no_grad():
+        logits, routes = model(docs[:, :-1], tau)
+    parallel = torch.stack([r.routed.to(torch.float64).cumsum(-1) for r in routes], dim=1)
+    assert torch.equal(run.counts, parallel)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), docs[:, 1:].flatten())
+    assert run.bits_per_byte == pytest.approx(float(nll) / math.log(2), rel=1e-4)
+    prediction = fl.predict_fill(run, 100)
+    assert prediction.capacity == min(100, math.ceil(fl.SAFETY * float(run.counts[..., -1].max()) - 1e-9))
+
+
+def test_policy_quality_overflows_only_with_a_fixed_capacity():
+    model = make_small_model()
+    docs = fl.documents(TEXT, 64, 2)
+    grown = fl.policy_quality(model, docs, -1.0, None, "drop", chunk=16)
+    assert grown["overflow_fraction"] == 0 and grown["fill"] == pytest.approx(1.0)
+    for policy in ("evict", "drop"):
+        small = fl.policy_quality(model, docs, -1.0, 8, policy, chunk=16)
+        assert small["fill"] == pytest.approx(1.0) and small["overflow_fraction"] == pytest.approx(1 - 8 / 64)
 
 
 def test_report_budget_choice_and_edges():
