@@ -58,3 +58,12 @@ def test_readme_command_runs(args, monkeypatch):
     monkeypatch.chdir(ROOT)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
+
+
+def test_readme_python_example_runs(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    text = (ROOT / "README.md").read_text()
+    [block] = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["logits"].shape == (1, 256)
