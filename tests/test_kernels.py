@@ -1,0 +1,178 @@
+"""Triton kernels on a CPU-only machine: parity under the interpreter and a Hopper (sm_90) compile without a GPU.
+
+The kernels are imported with ``TRITON_INTERPRET=1`` set (Triton picks the interpreter when it decorates a kernel),
+so every parity test below really runs the kernel code on the CPU; the compile check runs in a subprocess with the
+variable unset, where the same kernels are real ``JITFunction``s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ham_export import reference as ref
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (pip install triton==3.7.1, the version torch 2.13 pins)",
+                allow_module_level=True)
+
+_saved = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from kernels import cache_attention as ca
+finally:
+    if _saved is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    """Keep the variable set while a kernel runs (the interpreter imports parts of Triton lazily) and only then."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def test_kernels_run_in_the_interpreter():
+    assert isinstance(ca._cache_attention_partial_kernel, InterpretedFunction)
+    assert isinstance(ca._cache_attention_combine_kernel, InterpretedFunction)
+
+
+def _inputs(b, c, lengths, routed, h=2, kd=16, vd=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, 1, kd, generator=g).to(dtype)
+    k_cache = torch.randn(b, h, c, kd, generator=g).to(dtype)
+    v_cache = torch.randn(b, h, c, vd, generator=g).to(dtype)
+    length = torch.tensor(lengths, dtype=torch.int64)
+    for i, n in enumerate(lengths):  # poison the tails: a read past the length shows as NaN
+        k_cache[i, :, n:] = float("nan")
+        v_cache[i, :, n:] = float("nan")
+    k = torch.randn(b, h, 1, kd, generator=g).to(dtype)
+    v = torch.randn(b, h, 1, vd, generator=g).to(dtype)
+    routed_t = torch.tensor(routed, dtype=torch.bool)[:, None]
+    scale = (0.5 + torch.rand(h, generator=g)).to(torch.float32)
+    return q, k_cache, v_cache, length, k, v, routed_t, scale
+
+
+def _cases():
+    for c in (1, 5, 64, 130):
+        lens = sorted({0, 1, min(c, 3), c - 1 if c > 1 else c, c})
+        for n in lens:
+            for routed in (True, False):
+                yield pytest.param(1, c, [n], [routed], id=f"B1-C{c}-len{n}-routed{int(routed)}")
+        yield pytest.param(2, c, [lens[-1], lens[1]], [True, False], id=f"B2-C{c}-mixed")
+        yield pytest.param(2, c, [0, lens[-2]], [False, True], id=f"B2-C{c}-empty-first")
+
+
+@pytest.mark.parametrize(("b", "c", "lengths", "routed"), list(_cases()))
+def test_decode_matches_reference(b, c, lengths, routed):
+    args = _inputs(b, c, lengths, routed)
+    want = ref.cache_attention(*args)
+    got = ca.cache_attention_decode(*args)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("block_c", "max_splits", "length"), [(64, 2, 130), (64, 2, 70), (16, 3, 97), (16, 1, 100)])
+def test_spans_of_several_blocks(block_c, max_splits, length):
+    """Fewer spans than blocks: each program loops over several blocks, and the last span is short."""
+    args = _inputs(2, 130, [length, 129], [True, False], seed=1)
+    torch.testing.assert_close(ca._decode(*args, block_c=block_c, max_splits=max_splits),
+                               ref.cache_attention(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_strided_inputs_and_float16():
+    q, k_cache, v_cache, length, k, v, routed, scale = _inputs(2, 40, [40, 17], [True, True], seed=2)
+    k_strided = torch.empty(2, 2, 40, 32)[..., ::2]
+    k_strided.copy_(k_cache)
+    assert not k_strided.is_contiguous()
+    args = (q, k_strided, v_cache, length, k, v, routed, scale)
+    torch.testing.assert_close(ca.cache_attention_decode(*args), ref.cache_attention(*args), atol=1e-5, rtol=1e-5)
+    half = (q.half(), k_cache.half(), v_cache.half(), length, k.half(), v.half(), routed, scale)
+    want = ref.cache_attention(*[t.float() if t.dtype == torch.float16 else t for t in half])
+    got = ca.cache_attention_decode(*half)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
+
+
+def _bad(**change):
+    args = dict(zip(("q", "k_cache", "v_cache", "length", "k", "v", "routed", "scale"),
+                    _inputs(1, 8, [8], [True]), strict=True))
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(q=torch.zeros(1, 2, 2, 16)), "T = 1"),
+    (dict(k_cache=torch.zeros(1, 2, 8, 8)), "k_cache must have shape"),
+    (dict(v_cache=torch.zeros(1, 3, 8, 16)), "v_cache must have shape"),
+    (dict(length=torch.zeros(2, dtype=torch.int64)), "length must have shape"),
+    (dict(length=torch.zeros(1, dtype=torch.int32)), "length must be torch.int64"),
+    (dict(routed=torch.ones(1, 1, dtype=torch.int64)), "routed must be torch.bool"),
+    (dict(routed=torch.ones(1, dtype=torch.bool)), "routed must have 2 dimensions"),
+    (dict(scale=torch.ones(3)), "scale must have shape"),
+    (dict(v=torch.zeros(1, 2, 1, 16, dtype=torch.float64)), "v must have q's dtype"),
+    (dict(q=torch.zeros(1, 2, 1, 16, dtype=torch.float64)), "q must be one of"),
+    (dict(k=[0.0]), "k must be a torch.Tensor"),
+])
+def test_bad_inputs_raise_value_error(change, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        ca.cache_attention_decode(**_bad(**change))
+
+
+_COMPILE = textwrap.dedent("""
+    import json, os, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+    from kernels import cache_attention as ca
+
+    def compile_(fn, types, constexprs):
+        assert isinstance(fn, JITFunction), type(fn)
+        signature = {name: ("constexpr" if name in constexprs else types.get(name, "i32")) for name in fn.arg_names}
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        return {"ptx": len(k.asm.get("ptx", "")), "cubin": len(k.asm.get("cubin", b"")),
+                "entry": ".entry " + fn.__name__ in k.asm["ptx"], "sm_90": ".target sm_90" in k.asm["ptx"]}
+
+    dt = sys.argv[1]
+    out = {}
+    out["partial"] = compile_(ca._cache_attention_partial_kernel,
+        dict(q_ptr=dt, k_cache_ptr=dt, v_cache_ptr=dt, length_ptr="*i64", scale_ptr="*fp32",
+             m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
+        dict(BLOCK_C=ca.BLOCK_C, BLOCK_K=64, BLOCK_V=64))
+    out["combine"] = compile_(ca._cache_attention_combine_kernel,
+        dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", q_ptr=dt, k_ptr=dt, v_ptr=dt, routed_ptr="*u8",
+             scale_ptr="*fp32", out_ptr=dt),
+        dict(BLOCK_S=ca.MAX_SPLITS, BLOCK_K=64, BLOCK_V=64))
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("dtype", ["*fp32", "*bf16"])
+def test_kernels_compile_for_hopper(dtype):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JITFunctions in the child
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _COMPILE, dtype], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    import json
+
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, got in result.items():
+        assert got["ptx"] > 0 and got["cubin"] > 0, (name, got)
+        assert got["entry"] and got["sm_90"], (name, got)
