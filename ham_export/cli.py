@@ -37,6 +37,14 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _check_finite(thresholds: tuple[float, ...]) -> None:
+    from .errors import InputError
+
+    bad = [t for t in thresholds if not math.isfinite(t)]
+    if bad:
+        raise InputError(f"--threshold must be a finite number, got {bad[0]}")
+
+
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
@@ -103,12 +111,9 @@ def eval_(model: str, data: str | None, thresholds: tuple[float, ...], window: i
 
     from . import checkpoint
     from .data import pydoc_corpus, read_text_file
-    from .errors import InputError
     from .evaluate import evaluate
 
-    bad = [t for t in thresholds if not math.isfinite(t)]
-    if bad:
-        raise InputError(f"--threshold must be a finite number, got {bad[0]}")
+    _check_finite(thresholds)
     ckpt = checkpoint.load(model)
     if data is None:
         corpus = pydoc_corpus()
@@ -208,12 +213,9 @@ def check(model: str, artifact: str, prompts: str | None, steps: int, thresholds
     """Check an exported artifact against the eager model: prefill + N decode steps at each threshold."""
     from . import checkpoint
     from .check import DEFAULT_TOLERANCE, compare, default_prompts, read_prompts
-    from .errors import InputError
     from .runners import eager_runner_like, load_runner
 
-    bad = [t for t in thresholds if not math.isfinite(t)]
-    if bad:
-        raise InputError(f"--threshold must be a finite number, got {bad[0]}")
+    _check_finite(thresholds)
     ckpt = checkpoint.load(model)
     runner = load_runner(artifact)
     runner.check_model(ckpt.model)

@@ -259,15 +259,7 @@ class HAMLM(nn.Module):
     def thresholds(self, override: float | Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
         """The per-layer thresholds [n_layers] (float32): the config's, or ``override`` (one value or one per layer)."""
         values = self.cfg.thresholds if override is None else override
-        tau = torch.as_tensor(values, dtype=torch.float32).flatten()
-        n = self.cfg.n_layers
-        if tau.numel() == 1:
-            tau = tau.expand(n)
-        if tau.numel() != n:
-            raise InputError(f"got {tau.numel()} thresholds for a model with {n} layers; give one value or {n}")
-        if not bool(torch.isfinite(tau).all()):
-            raise InputError(f"thresholds must be finite numbers, got {tau.tolist()}")
-        return tau.to(self.embed.weight.device)
+        return resolve_thresholds(values, self.cfg.n_layers).to(self.embed.weight.device)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(self.norm_out(h), self.embed.weight)
@@ -333,6 +325,19 @@ class HAMLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def resolve_thresholds(values: float | Sequence[float] | torch.Tensor, n_layers: int) -> torch.Tensor:
+    """One threshold for every layer, or one per layer, as a float32 tensor [n_layers]; refused unless finite."""
+    tau = torch.as_tensor(values, dtype=torch.float32).flatten()
+    if tau.numel() == 1:
+        tau = tau.expand(n_layers)
+    if tau.numel() != n_layers:
+        raise InputError(f"got {tau.numel()} thresholds for a model with {n_layers} layers; give one value or "
+                         f"{n_layers}")
+    if not bool(torch.isfinite(tau).all()):
+        raise InputError(f"thresholds must be finite numbers, got {tau.tolist()}")
+    return tau.contiguous()
 
 
 def cached_fraction(routes: list[RouteInfo]) -> list[float]:

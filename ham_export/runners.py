@@ -17,7 +17,7 @@ import torch
 
 from . import manifest as mf
 from .errors import InputError
-from .model import HAMLM
+from .model import HAMLM, resolve_thresholds
 from .programs import HEAD_OUTPUTS, flatten_state, state_names, unflatten_state
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,7 @@ class Runner(ABC):
         return tokens.to(torch.int64)
 
     def check_thresholds(self, thresholds: torch.Tensor) -> torch.Tensor:
-        thresholds = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
-        if thresholds.numel() == 1:
-            thresholds = thresholds.expand(self.n_layers)
-        if thresholds.numel() != self.n_layers or not bool(torch.isfinite(thresholds).all()):
-            raise InputError(f"thresholds must be 1 or {self.n_layers} finite numbers, got {thresholds.tolist()}")
-        return thresholds.contiguous()
+        return resolve_thresholds(thresholds, self.n_layers)
 
     def prefill(self, tokens: torch.Tensor, thresholds: torch.Tensor) -> tuple[Output, Any]:
         """Prompt tokens [B, T] from an empty state -> (output, state)."""
