@@ -7,41 +7,16 @@ variable unset, where the same kernels are real ``JITFunction``s.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
 from ham_export import reference as ref
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed (pip install triton==3.7.1, the version torch 2.13 pins)",
-                allow_module_level=True)
+from .support import compile_for_hopper, interpreted
 
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from triton.runtime.interpreter import InterpretedFunction
+ca = interpreted("kernels.cache_attention")
 
-    from kernels import cache_attention as ca
-finally:
-    if _saved is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    """Keep the variable set while a kernel runs (the interpreter imports parts of Triton lazily) and only then."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402  (after the skip above)
 
 
 def test_kernels_run_in_the_interpreter():
@@ -132,47 +107,15 @@ def test_bad_inputs_raise_value_error(change, message):
         ca.cache_attention_decode(**_bad(**change))
 
 
-_COMPILE = textwrap.dedent("""
-    import json, os, sys
-    os.environ.pop("TRITON_INTERPRET", None)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-    from kernels import cache_attention as ca
-
-    def compile_(fn, types, constexprs):
-        assert isinstance(fn, JITFunction), type(fn)
-        signature = {name: ("constexpr" if name in constexprs else types.get(name, "i32")) for name in fn.arg_names}
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-        return {"ptx": len(k.asm.get("ptx", "")), "cubin": len(k.asm.get("cubin", b"")),
-                "entry": ".entry " + fn.__name__ in k.asm["ptx"], "sm_90": ".target sm_90" in k.asm["ptx"]}
-
-    dt = sys.argv[1]
-    out = {}
-    out["partial"] = compile_(ca._cache_attention_partial_kernel,
-        dict(q_ptr=dt, k_cache_ptr=dt, v_cache_ptr=dt, length_ptr="*i64", scale_ptr="*fp32",
-             m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
-        dict(BLOCK_C=ca.BLOCK_C, BLOCK_K=64, BLOCK_V=64))
-    out["combine"] = compile_(ca._cache_attention_combine_kernel,
-        dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", q_ptr=dt, k_ptr=dt, v_ptr=dt, routed_ptr="*u8",
-             scale_ptr="*fp32", out_ptr=dt),
-        dict(BLOCK_S=ca.MAX_SPLITS, BLOCK_K=64, BLOCK_V=64))
-    print(json.dumps(out))
-""")
-
-
 @pytest.mark.parametrize("dtype", ["*fp32", "*bf16"])
 def test_kernels_compile_for_hopper(dtype):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JITFunctions in the child
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", _COMPILE, dtype], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]
-    import json
-
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    for name, got in result.items():
-        assert got["ptx"] > 0 and got["cubin"] > 0, (name, got)
-        assert got["entry"] and got["sm_90"], (name, got)
+    compile_for_hopper("kernels.cache_attention", {
+        "_cache_attention_partial_kernel": (
+            dict(q_ptr=dtype, k_cache_ptr=dtype, v_cache_ptr=dtype, length_ptr="*i64", scale_ptr="*fp32",
+                 m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
+            dict(BLOCK_C=ca.BLOCK_C, BLOCK_K=64, BLOCK_V=64)),
+        "_cache_attention_combine_kernel": (
+            dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", q_ptr=dtype, k_ptr=dtype, v_ptr=dtype,
+                 routed_ptr="*u8", scale_ptr="*fp32", out_ptr=dtype),
+            dict(BLOCK_S=ca.MAX_SPLITS, BLOCK_K=64, BLOCK_V=64)),
+    })
