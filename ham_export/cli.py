@@ -194,6 +194,25 @@ def onnx(model: str, out: str, ops: str, dtype: str, max_cache: int | None, cont
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=str))
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=str), required=True,
+              help="The package to write (a .pt2 file); the manifest ham_export.json goes beside it.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="The device the package is compiled for (cuda needs a GPU here).")
+@_export_options
+@_user_errors
+def native(model: str, out: str, device: str, max_cache: int | None, context: int, policy: str) -> None:
+    """Compile the prefill and decode programs with AOTInductor into one package (models prefill, decode)."""
+    from . import checkpoint
+    from .export import export_native
+
+    ckpt = checkpoint.load(model)
+    path = export_native(ckpt.model, out, max_cache or context, policy, device, source=ckpt.path)
+    err.print(f"wrote {path} (models prefill, decode; {device}, capacity {max_cache or context}, policy {policy}) "
+              f"and {path.parent}/ham_export.json; C++ users load runtimes/libtorch's libham_torch_ops.so first")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=str))
 @click.argument("artifact", type=click.Path(path_type=str))
 @click.option("--prompts", type=click.Path(path_type=str), default=None,
               help="Text file, one prompt per line (cut to the shortest; default: 3 held-out snippets).")

@@ -3,7 +3,9 @@
 - :func:`export_torch`: the ``torch.export`` programs, saved as ``prefill.pt2`` and ``decode.pt2``;
 - :func:`export_onnx`: the same programs as ``prefill.onnx`` and ``decode.onnx``, with the HAM ops as ``ham.ai``
   nodes (``ops="custom"``, run with the ONNX Runtime op library) or in standard ONNX ops (``ops="standard"``,
-  run by any ONNX runtime).
+  run by any ONNX runtime);
+- :func:`export_native`: the same programs compiled by AOTInductor into one package ``model.pt2`` (models
+  ``prefill`` and ``decode``), loadable from Python or from C++ (``AOTIModelPackageLoader``).
 """
 
 from __future__ import annotations
@@ -109,6 +111,54 @@ def export_onnx(model: HAMLM, out: str | Path, capacity: int, policy: str = "dro
                            {"ops": ops, "op_library": library, **identity}))
     log.info("wrote ONNX programs (%s ops, %s) to %s", ops, dtype, out)
     return out
+
+
+NATIVE_DEVICES = ("cpu", "cuda")
+
+
+def export_native(model: HAMLM, out_file: str | Path, capacity: int, policy: str = "drop", device: str = "cpu",
+                  source: str | Path | None = None) -> Path:
+    """Compile the two programs with AOTInductor into one package (models ``prefill`` and ``decode``).
+
+    The manifest ``ham_export.json`` goes beside the package. The compiled code calls the ``ham`` ops through the
+    dispatcher: Python registers them with :mod:`ham_export.ops`; a C++ process loads the op library of
+    ``runtimes/libtorch`` (``libham_torch_ops.so``). Returns the package's path.
+    """
+    from torch._inductor import aot_compile
+    from torch._inductor.package import package_aoti
+
+    from . import ops  # noqa: F401  (the programs call torch.ops.ham.*)
+
+    _validate(capacity, policy, "fp32")
+    out_file = Path(out_file)
+    if out_file.suffix != ".pt2":
+        raise InputError(f"the native package is a .pt2 file, got -o {out_file}")
+    if device not in NATIVE_DEVICES:
+        raise InputError(f"--device must be one of {', '.join(NATIVE_DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda needs a CUDA GPU on this machine (AOTInductor compiles for the GPU it "
+                         "finds); none is visible to torch")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    identity = _identity(model, source)
+    target = model if device == "cpu" else _cast_copy(model, torch.float32).to(device)
+    programs = export_programs(target, capacity, policy)
+    files = {}
+    with _quiet_exporter():
+        for name, program in programs.items():
+            example_args, example_kwargs = program.example_inputs
+            log.info("AOTInductor: compiling %s for %s", name, device)
+            files[name] = aot_compile(program.module(), example_args, example_kwargs,
+                                      options={"aot_inductor.package": True})
+    package_aoti(str(out_file), files)
+    entries = _program_entries(model, capacity, "fp32", ".pt2")
+    for name, entry in entries.items():
+        entry.update(file=out_file.name, model_name=name)
+    library = {"name": "libham_torch_ops.so", "namespace": "ham", "build": "bash scripts/build-torch-ops.sh",
+               "needed": "in C++ only; Python registers the ops with ham_export.ops"}
+    mf.write(out_file.parent, mf.build("aotinductor", model.cfg, capacity, policy, "fp32", entries,
+                                       {"device": device, "op_library": library, **identity}))
+    log.info("wrote AOTInductor package %s", out_file)
+    return out_file
 
 
 @contextlib.contextmanager

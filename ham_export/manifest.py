@@ -18,7 +18,7 @@ from .errors import HamError
 MANIFEST = "ham_export.json"
 FORMAT = "ham-export/artifact"
 FORMAT_VERSION = 1
-BACKENDS = ("torch.export", "onnxruntime", "tvm")
+BACKENDS = ("torch.export", "onnxruntime", "tvm", "aotinductor")
 
 
 class ArtifactError(HamError):

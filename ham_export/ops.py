@@ -6,15 +6,27 @@ its fake kernel checks shapes and dtypes with ``torch._check`` so that a wrong s
 an engine. The ops are functional: they return new state, never mutate their inputs, which is what
 ``torch.export`` and the ONNX exporter need.
 
+On CUDA tensors each op runs a Triton kernel of ``kernels/`` (:data:`TRITON_KERNELS`); the choice is logged once
+per op, a missing Triton is an error (never a silent switch), and ``HAM_FORCE_REFERENCE=1`` runs the reference.
+
 Importing this module registers the ops once.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
+import os
+from collections.abc import Callable
+
 import torch
 
 from . import opspec
 from . import reference as ref
+from .errors import HamError
+
+log = logging.getLogger(__name__)
+FORCE_REFERENCE = "HAM_FORCE_REFERENCE"
 
 _lib = torch.library.Library(opspec.TORCH_NAMESPACE, "DEF")
 for _spec in opspec.OPS:
@@ -44,7 +56,62 @@ def _cache_append(k_cache, v_cache, score_cache, length, k, v, score, routed, po
 
 @_impl(opspec.GDN_PREFILL)
 def _gdn_prefill(q, k, v, g, beta, state):
-    return ref.gdn_chunked(q, k, v, g, beta, state)
+    # Contiguous, as the fake kernel promises: a compiler (Inductor) reads the outputs with the fake's strides.
+    return tuple(x.contiguous() for x in ref.gdn_chunked(q, k, v, g, beta, state))
+
+
+# op -> [(condition on the call, "module:function")]: the first matching entry is the CUDA kernel.
+TRITON_KERNELS: dict[str, list[tuple[Callable[..., bool], str]]] = {
+    "cache_attention": [(lambda q, *_: q.shape[2] == 1, "kernels.cache_attention:cache_attention_decode"),
+                        (lambda *_: True, "kernels.prefill_attention:prefill_attention")],
+    "cache_append": [(lambda *_: True, "kernels.cache_append:cache_append")],
+    "gdn_prefill": [(lambda *_: True, "kernels.gdn:gdn_chunked")],
+}
+_REFERENCES = {"cache_attention": ref.cache_attention, "cache_append": ref.cache_append,
+               "gdn_prefill": ref.gdn_chunked}
+_logged: set[tuple[str, str]] = set()
+
+
+class KernelUnavailableError(HamError):
+    """A CUDA call of a ham op whose Triton kernel cannot be imported."""
+
+
+def force_reference() -> bool:
+    """Whether ``HAM_FORCE_REFERENCE`` asks for the plain-PyTorch reference on every device."""
+    return os.environ.get(FORCE_REFERENCE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def select_cuda_kernel(op: str, *args) -> Callable:
+    """The function that runs ``ham::<op>`` for these CUDA arguments: its Triton kernel, or the reference when
+    ``HAM_FORCE_REFERENCE`` is set. Logs the choice the first time it is made for each (op, function)."""
+    if force_reference():
+        choice, fn = f"reference ({FORCE_REFERENCE} is set)", _REFERENCES[op]
+    else:
+        target = next(target for applies, target in TRITON_KERNELS[op] if applies(*args))
+        module_name, fn_name = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise KernelUnavailableError(
+                f"ham::{op} on CUDA runs the Triton kernel {target}, which cannot be imported ({exc}); install "
+                f"triton (pip install 'ham-export[triton]') or set {FORCE_REFERENCE}=1 for the plain-PyTorch "
+                f"reference") from None
+        choice, fn = f"Triton {target}", getattr(module, fn_name)
+    if (op, choice) not in _logged:
+        _logged.add((op, choice))
+        log.info("ham::%s on CUDA: %s", op, choice)
+    return fn
+
+
+def _cuda(op: str) -> Callable:
+    def run(*args):
+        outputs = select_cuda_kernel(op, *args)(*args)
+        return tuple(x.contiguous() for x in outputs) if isinstance(outputs, tuple) else outputs.contiguous()
+    return run
+
+
+for _name in TRITON_KERNELS:
+    _lib.impl(_name, _cuda(_name), "CUDA")
 
 
 def _check_shape(name: str, x: torch.Tensor, shape: tuple) -> None:

@@ -108,7 +108,7 @@ def export_programs(model: HAMLM, capacity: int, policy: str) -> dict[str, torch
             dynamic_shapes=({0: batch, 1: tokens}, None))
         state = example_state(model, 2, capacity)
         decode = torch.export.export(
-            DecodeProgram(model, capacity, policy), (example_tokens[:, 0], thresholds, *state),
+            DecodeProgram(model, capacity, policy), (example_tokens[:, 0].contiguous(), thresholds, *state),
             dynamic_shapes=({0: batch}, None, tuple({0: batch} for _ in state)))
     return {"prefill": prefill, "decode": decode}
 

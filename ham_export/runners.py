@@ -139,6 +139,53 @@ class ExportedProgramRunner(Runner):
         return list(state)
 
 
+class AotiRunner(Runner):
+    """An AOTInductor package (``ham-export native``): its ``prefill`` and ``decode`` models, loaded in this process.
+
+    The compiled code indexes its inputs with the strides it was compiled for (contiguous), without checking them,
+    so every input is made contiguous here; inputs go to the package's device and outputs come back to the CPU.
+    """
+
+    name = "aotinductor"
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        from torch._inductor.package import load_package
+
+        from . import ops  # noqa: F401  (the compiled code calls torch.ops.ham.* through the dispatcher)
+
+        self.device = torch.device(manifest.get("device", "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise mf.ArtifactError(f"{path} was compiled for CUDA; no CUDA GPU is visible to torch here")
+        self.fns = {}
+        for name in ("prefill", "decode"):
+            try:
+                self.fns[name] = load_package(str(path), model_name=manifest["programs"][name]["model_name"])
+            except Exception as exc:  # a damaged archive surfaces as whatever its reader hit
+                raise mf.ArtifactError(f"cannot load {name} from {path}: truncated or not an AOTInductor package "
+                                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                                       ) from None
+        self.capacity, self.policy = manifest["capacity"], manifest["policy"]
+        self.n_layers, self.vocab_size = manifest["model"]["n_layers"], manifest["model"]["vocab_size"]
+        self.manifest = manifest
+
+    def _call(self, name: str, *inputs: torch.Tensor) -> tuple[Output, list[torch.Tensor]]:
+        args = [x.to(self.device).contiguous() for x in inputs]
+        with torch.no_grad():
+            outputs = self.fns[name](*args)
+        head, state = _split(outputs)
+        cpu = Output(*(x.cpu() for x in (head.logits, head.scores, head.routed, head.overflow)))
+        return cpu, state
+
+    def _prefill(self, tokens, thresholds):
+        return self._call("prefill", tokens, thresholds)
+
+    def _step(self, token, thresholds, state):
+        return self._call("decode", token, thresholds, *state)
+
+    def state_tensors(self, state):
+        return [x.cpu() for x in state]
+
+
 # Decode may bind these state inputs and outputs to one buffer. It is safe because under the drop policy
 # CacheAppend writes only slots at or past the old length, which nothing else in the step reads; the length itself
 # is read by CacheAttention, which ONNX Runtime may schedule after CacheAppend, so it is never shared.
@@ -285,6 +332,8 @@ def load_runner(artifact: str | Path, share_buffers: bool = True) -> Runner:
         return OrtRunner(directory, manifest, share_buffers)
     if backend == "tvm":
         return TvmRunner(directory, manifest)
+    if backend == "aotinductor":
+        return AotiRunner(directory / manifest["programs"]["prefill"]["file"], manifest)
     from . import ops  # noqa: F401  (the programs call torch.ops.ham.*)
 
     programs = {}
@@ -313,5 +362,5 @@ def eager_runner_like(model: HAMLM, runner: Runner) -> EagerRunner:
     return EagerRunner(model, runner.capacity, runner.policy)
 
 
-__all__ = ["EagerRunner", "ExportedProgramRunner", "OrtRunner", "Output", "Runner", "TvmRunner", "load_runner",
-           "unflatten_state"]
+__all__ = ["AotiRunner", "EagerRunner", "ExportedProgramRunner", "OrtRunner", "Output", "Runner", "TvmRunner",
+           "load_runner", "unflatten_state"]

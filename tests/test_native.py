@@ -1,0 +1,100 @@
+"""``ham-export native``: AOTInductor packages equal eager at every threshold, under overflow, with any batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ham_export.check import compare, default_prompts
+from ham_export.cli import main
+from ham_export.export import export_native
+from ham_export.manifest import ArtifactError
+from ham_export.runners import AotiRunner, EagerRunner, load_runner
+
+from .conftest import make_small_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_small_model()
+
+
+@pytest.fixture(scope="module", params=["drop", "evict"])
+def package(request, model, tmp_path_factory):
+    # Capacity 12 < prompt (16) + steps (8): the policy applies, in eager and in the package alike.
+    return export_native(model, tmp_path_factory.mktemp(request.param) / "model.pt2", 12, request.param)
+
+
+def test_package_equals_eager_at_every_threshold(model, package):
+    runner = load_runner(package)
+    assert isinstance(runner, AotiRunner)
+    eager = EagerRunner(model, runner.capacity, runner.policy)
+    prompts = default_prompts()[:, :16]
+    with torch.no_grad():
+        _, routes = model(prompts)
+    mid = float(torch.cat([r.score.flatten() for r in routes]).median())
+    results = compare(eager, runner, prompts, [-1.0, 3.0, mid], 8, 1e-4, 1e-4, 1e-4)
+    for r in results:
+        assert r.passed, r.failures
+        assert r.far_flips == 0
+    assert results[0].kv_fraction == 1.0 and results[1].kv_fraction == 0.0
+
+
+def test_package_runs_other_batch_sizes_and_strided_inputs(model, package):
+    """The package was compiled from a batch of 2; batches of 1 and 3, and a strided token tensor, must agree."""
+    runner = load_runner(package)
+    eager = EagerRunner(model, runner.capacity, runner.policy)
+    tau = torch.tensor(model.cfg.thresholds)
+    for batch in (1, 3):
+        tokens = torch.randint(0, 256, (batch, 5), generator=torch.Generator().manual_seed(batch))
+        want, want_state = eager.prefill(tokens, tau)
+        got, state = runner.prefill(tokens, tau)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+        token = torch.randint(0, 256, (batch, 3))[:, 1]  # a view with stride 3
+        assert not token.is_contiguous() or batch == 1
+        want, _ = eager.step(token, tau, want_state)
+        got, _ = runner.step(token, tau, state)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_manifest_names_both_models_of_one_package(package):
+    manifest = json.loads((package.parent / "ham_export.json").read_text())
+    assert manifest["backend"] == "aotinductor" and manifest["device"] == "cpu"
+    assert {p["model_name"] for p in manifest["programs"].values()} == {"prefill", "decode"}
+    assert {p["file"] for p in manifest["programs"].values()} == {package.name}
+    assert manifest["op_library"]["name"] == "libham_torch_ops.so"
+
+
+def test_damaged_package_is_refused(package, tmp_path):
+    broken = tmp_path / "model.pt2"
+    broken.write_bytes(package.read_bytes()[:1000])
+    (tmp_path / "ham_export.json").write_text((package.parent / "ham_export.json").read_text())
+    with pytest.raises(ArtifactError, match="cannot load prefill"):
+        load_runner(broken)
+    result = CliRunner().invoke(main, ["check", "examples/models/tiny-ham.pt", str(broken)])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-o", "{tmp}/model.onnx"], "is a .pt2 file"),
+    (["-o", "{tmp}/model.pt2", "--max-cache", "0"], "Invalid value"),
+    (["-o", "{tmp}/model.pt2", "--device", "tpu"], "Invalid value"),
+])
+def test_cli_refuses_bad_options(tmp_path, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = CliRunner().invoke(main, ["native", "examples/models/tiny-ham.pt", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_package_needs_a_gpu(tmp_path):
+    result = CliRunner().invoke(main, ["native", "examples/models/tiny-ham.pt", "-o", str(tmp_path / "m.pt2"),
+                                       "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "needs a CUDA GPU" in result.output
