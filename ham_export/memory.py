@@ -129,6 +129,8 @@ BACKENDS = {
     "onnxruntime": "ONNX Runtime (CPU): state + the step's activations, + a transient copy of the caches when "
                    "they are not shared in place (see ort_decode_workspace_bytes); weights once per program",
     "tvm": "not available here: TVM is not installed, its workspace is not modelled",
+    "aotinductor": "AOTInductor (ham-export native): not modelled; its decode program is functional, so a step "
+                   "holds the old and the new state (two copies of every cache) plus its activations",
     "tensorrt": "not available here: TensorRT is not installed (it would report the engine's device memory)",
 }
 

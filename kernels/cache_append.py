@@ -1,0 +1,215 @@
+"""Triton kernel for ``cache_append``: store a call's routed tokens in a fixed-capacity KV cache, in place.
+
+Reference: :func:`ham_export.reference.cache_append` (same arguments, same order, same names; the results are equal
+bit for bit, since the kernel only moves data).
+
+``_cache_append_kernel`` runs one program per batch row (grid ``(B,)``, ``num_warps=4``) and walks the T new tokens
+in blocks of ``BLOCK_T = min(32, next_power_of_2(T))`` (1 in decode): a prefix sum of ``routed`` (``tl.cumsum``,
+carried from block to block) gives each routed token its slot ``length + count - 1``; the tokens whose slot is below
+C are written in parallel, their score and, head by head, their key and value row. Under ``evict`` (``EVICT``, a
+constexpr), and only when the row overflows, the tokens that found the cache full are then taken one at a time, in
+order: an argmin over ``score_cache[b, :C]`` in blocks of ``BLOCK_C = min(256, next_power_of_2(C))`` finds the first
+lowest entry, which a strictly higher score replaces (a NaN in the row, or a NaN score, replaces nothing:
+``torch.argmin`` takes a NaN as the lowest and no score is above it). A barrier separates each write from the reads
+that follow it (other threads of the program read what one thread wrote), and one more precedes the last step:
+``length`` becomes ``min(length + routed, C)`` and ``overflow`` ``max(length + routed - C, 0)``. Configs are pinned,
+never autotuned: the kernel writes the cache in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ham_export.reference import POLICIES
+
+BLOCK_T = 32  # most new tokens per block
+BLOCK_C = 256  # most cache entries per block of the eviction argmin
+NUM_WARPS = 4
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _cache_append_kernel(
+    k_cache_ptr, v_cache_ptr, score_cache_ptr, length_ptr,
+    k_ptr, v_ptr, score_ptr, routed_ptr, overflow_ptr,
+    H, C, T, K, V,
+    skc_b, skc_h, skc_c, skc_k,
+    svc_b, svc_h, svc_c, svc_v,
+    ssc_b, ssc_c,
+    sk_b, sk_h, sk_t, sk_k,
+    sv_b, sv_h, sv_t, sv_v,
+    ss_b, ss_t,
+    sr_b, sr_t,
+    EVICT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.arange(0, BLOCK_V)
+    mask_k = offs_k < K
+    mask_v = offs_v < V
+    kc_row = k_cache_ptr + b * skc_b
+    vc_row = v_cache_ptr + b * svc_b
+    sc_row = score_cache_ptr + b * ssc_b
+    k_row = k_ptr + b * sk_b
+    v_row = v_ptr + b * sv_b
+    length = tl.load(length_ptr + b)
+
+    # The tokens that fit, in parallel within a block of BLOCK_T tokens.
+    count = length * 0  # routed tokens before the block
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        routed = tl.load(routed_ptr + b * sr_b + offs_t * sr_t, mask=offs_t < T, other=0) != 0
+        slot = length + count + tl.cumsum(routed.to(tl.int32), axis=0) - 1
+        fits = routed & (slot < C)
+        s = tl.load(score_ptr + b * ss_b + offs_t * ss_t, mask=fits)
+        tl.store(sc_row + slot * ssc_c, s, mask=fits)
+        for h in range(0, H):
+            mk = fits[:, None] & mask_k[None, :]
+            kt = tl.load(k_row + h * sk_h + offs_t[:, None] * sk_t + offs_k[None, :] * sk_k, mask=mk)
+            tl.store(kc_row + h * skc_h + slot[:, None] * skc_c + offs_k[None, :] * skc_k, kt, mask=mk)
+            mv = fits[:, None] & mask_v[None, :]
+            vt = tl.load(v_row + h * sv_h + offs_t[:, None] * sv_t + offs_v[None, :] * sv_v, mask=mv)
+            tl.store(vc_row + h * svc_h + slot[:, None] * svc_c + offs_v[None, :] * svc_v, vt, mask=mv)
+        count += tl.sum(routed.to(tl.int32), axis=0)
+    wanted = length + count
+
+    # The tokens that found the cache full, one at a time, in order (rare: only when the row overflows).
+    if EVICT:  # noqa: SIM102  (a constexpr branch: the drop kernel compiles without the eviction code)
+        if wanted > C:
+            tl.debug_barrier()
+            seen = length * 0
+            for t in range(0, T):
+                routed_t = tl.load(routed_ptr + b * sr_b + t * sr_t) != 0
+                seen += routed_t.to(tl.int64)
+                if routed_t & (length + seen > C):
+                    new = tl.load(score_ptr + b * ss_b + t * ss_t)
+                    best = tl.full((), float("inf"), tl.float32)
+                    best_j = tl.zeros((), tl.int32)
+                    has_nan = tl.zeros((), tl.int32)
+                    for c0 in range(0, C, BLOCK_C):
+                        offs_c = c0 + tl.arange(0, BLOCK_C)
+                        s = tl.load(sc_row + offs_c * ssc_c, mask=offs_c < C, other=float("inf")).to(tl.float32)
+                        is_nan = s != s
+                        has_nan = tl.maximum(has_nan, tl.max(is_nan.to(tl.int32), axis=0))
+                        s = tl.where(is_nan, float("inf"), s)
+                        low = tl.min(s, axis=0)
+                        j = tl.min(tl.where(s == low, offs_c, C), axis=0)
+                        better = low < best  # strictly: the first lowest slot wins
+                        best_j = tl.where(better, j, best_j)
+                        best = tl.where(better, low, best)
+                    if (has_nan == 0) & (new.to(tl.float32) > best):
+                        tl.store(sc_row + best_j * ssc_c, new)
+                        for h in range(0, H):
+                            kt = tl.load(k_row + h * sk_h + t * sk_t + offs_k * sk_k, mask=mask_k)
+                            tl.store(kc_row + h * skc_h + best_j * skc_c + offs_k * skc_k, kt, mask=mask_k)
+                            vt = tl.load(v_row + h * sv_h + t * sv_t + offs_v * sv_v, mask=mask_v)
+                            tl.store(vc_row + h * svc_h + best_j * svc_c + offs_v * svc_v, vt, mask=mask_v)
+                    tl.debug_barrier()
+
+    tl.debug_barrier()  # every thread has read the old length before one writes the new
+    tl.store(length_ptr + b, tl.minimum(wanted, C))
+    tl.store(overflow_ptr + b, tl.maximum(wanted - C, 0))
+
+
+def _check(k_cache, v_cache, score_cache, length, k, v, score, routed, policy) -> None:
+    named = dict(k_cache=k_cache, v_cache=v_cache, score_cache=score_cache, length=length, k=k, v=v, score=score,
+                 routed=routed)
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    devices = {t.device for t in named.values()}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
+    expected_ndim = dict(k_cache=4, v_cache=4, score_cache=2, length=1, k=4, v=4, score=2, routed=2)
+    for name, ndim in expected_ndim.items():
+        if named[name].dim() != ndim:
+            raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(named[name].shape)}")
+    b, h, c, kd = k_cache.shape
+    t, vd = k.shape[2], v_cache.shape[3]
+    expected = dict(v_cache=(b, h, c, vd), score_cache=(b, c), length=(b,), k=(b, h, t, kd), v=(b, h, t, vd),
+                    score=(b, t), routed=(b, t))
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (from k_cache {tuple(k_cache.shape)}, v_cache "
+                             f"{tuple(v_cache.shape)}, k {tuple(k.shape)}), got {tuple(named[name].shape)}")
+    if k_cache.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"k_cache must be one of {FLOAT_DTYPES}, got {k_cache.dtype}")
+    for name in ("v_cache", "k", "v"):
+        if named[name].dtype != k_cache.dtype:
+            raise ValueError(f"{name} must have k_cache's dtype {k_cache.dtype}, got {named[name].dtype}")
+    if score_cache.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"score_cache must be one of {FLOAT_DTYPES}, got {score_cache.dtype}")
+    if score.dtype != score_cache.dtype:
+        raise ValueError(f"score must have score_cache's dtype {score_cache.dtype}, got {score.dtype}")
+    if length.dtype != torch.int64:
+        raise ValueError(f"length must be torch.int64, got {length.dtype}")
+    if routed.dtype != torch.bool:
+        raise ValueError(f"routed must be torch.bool, got {routed.dtype}")
+    if b == 0 or h == 0 or kd == 0 or vd == 0:
+        raise ValueError(f"empty batch, heads or head dims are not supported: k_cache {tuple(k_cache.shape)}, "
+                         f"v_cache {tuple(v_cache.shape)}")
+
+
+def _launch(k_cache, v_cache, score_cache, length, k, v, score, routed_u8, overflow, evict: bool,
+            block_t: int = BLOCK_T, block_c: int = BLOCK_C) -> None:
+    """Launch the kernel on checked inputs; ``routed_u8`` is [B, T] uint8 (0 or 1), any strides."""
+    b, h, c, kd = k_cache.shape
+    t, vd = k.shape[2], v_cache.shape[3]
+    _cache_append_kernel[(b,)](
+        k_cache, v_cache, score_cache, length, k, v, score, routed_u8, overflow,
+        h, c, t, kd, vd,
+        *k_cache.stride(), *v_cache.stride(), *score_cache.stride(),
+        *k.stride(), *v.stride(), *score.stride(), *routed_u8.stride(),
+        EVICT=evict, BLOCK_T=min(block_t, triton.next_power_of_2(max(t, 1))),
+        BLOCK_C=min(block_c, triton.next_power_of_2(max(c, 1))),
+        BLOCK_K=triton.next_power_of_2(kd), BLOCK_V=triton.next_power_of_2(vd),
+        num_warps=NUM_WARPS,
+    )
+
+
+def _append(k_cache, v_cache, score_cache, length, k, v, score, routed, policy, block_t: int = BLOCK_T,
+            block_c: int = BLOCK_C) -> torch.Tensor:
+    _check(k_cache, v_cache, score_cache, length, k, v, score, routed, policy)
+    overflow = torch.empty_like(length)
+    _launch(k_cache, v_cache, score_cache, length, k, v, score, routed.view(torch.uint8), overflow,
+            policy == "evict", block_t, block_c)
+    return overflow
+
+
+def cache_append_(k_cache: torch.Tensor, v_cache: torch.Tensor, score_cache: torch.Tensor, length: torch.Tensor,
+                  k: torch.Tensor, v: torch.Tensor, score: torch.Tensor, routed: torch.Tensor, policy: str
+                  ) -> torch.Tensor:
+    """Store the routed tokens of a call in the cache, in place; see ``reference.cache_append``.
+
+    Args:
+        k_cache: [B, H, C, K]; v_cache: [B, H, C, V]; score_cache: [B, C]; length: [B] int64 valid entries
+        (0 <= length <= C); these four are updated in place. k: [B, H, T, K], v: [B, H, T, V] the new tokens;
+        score: [B, T] (score_cache's dtype); routed: [B, T] bool; policy: ``drop`` or ``evict``.
+        k_cache, v_cache, k, v share one dtype (float16, bfloat16 or float32); any strides; T >= 1 (1 in decode).
+
+    Returns:
+        overflow: [B] int64, the routed tokens of this call that found the cache full. The cache, its scores and
+        its length equal the reference's results exactly.
+
+    Raises:
+        ValueError: on a wrong shape, dtype, device mix or policy.
+    """
+    return _append(k_cache, v_cache, score_cache, length, k, v, score, routed, policy)
+
+
+def cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, score_cache: torch.Tensor, length: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor, score: torch.Tensor, routed: torch.Tensor, policy: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The functional form, as ``reference.cache_append``: new k_cache, v_cache, score_cache, length, overflow.
+
+    Copies the four cache tensors, then runs :func:`cache_append_` on the copies; the inputs are left unchanged.
+    """
+    _check(k_cache, v_cache, score_cache, length, k, v, score, routed, policy)
+    k_cache, v_cache, score_cache, length = (x.clone() for x in (k_cache, v_cache, score_cache, length))
+    overflow = cache_append_(k_cache, v_cache, score_cache, length, k, v, score, routed, policy)
+    return k_cache, v_cache, score_cache, length, overflow

@@ -1,0 +1,287 @@
+"""Prefill Triton kernels for ``cache_attention`` with any number of new tokens: routed-key compaction and sparse
+causal flash attention.
+
+Reference: :func:`ham_export.reference.cache_attention` (same arguments, same order, same names), which masks the
+dense [T, C + T] logits through :func:`ham_export.reference.routed_attention`.
+
+``compact_routed``: one program per batch row (grid ``(B,)``) walks ``routed`` in blocks of ``COMPACT_BLOCK`` (1024)
+tokens, takes a ``tl.cumsum`` of each block and carries the running total across blocks, so that the routed
+positions land in order at the front of the row of ``index`` [B, T] int32; a second pass over the row writes -1 past
+the ``count`` [B] int32 routed tokens. ``num_warps`` 4.
+
+``prefill_attention``: one program per (batch x head, block of ``BLOCK_T`` (64) queries) (grid
+``(B * H, cdiv(T, BLOCK_T))``). It keeps a flash-attention online softmax in fp32 over (a) the cache in blocks of
+``BLOCK_C`` (32) entries up to ``min(length, C)`` (masked loads, so entries past ``length`` are never read) and (b)
+the compacted routed new tokens, gathered through ``index`` in blocks of ``BLOCK_S`` (32) keys with the causal mask
+``index[j] <= t``. Positions in ``index`` are sorted, so the walk over (b) stops at the first block whose smallest
+position is past the block's last query: only the routed keys up to that query are read, and the cost follows the
+fill, not T^2. ``num_warps`` 4, ``num_stages`` 2. Head dims and blocks are padded (masked) to at least 16, the
+smallest ``tl.dot`` shape.
+
+Arithmetic: q . k runs through ``tl.dot`` on the inputs' dtype with fp32 accumulation (exact products for fp16 and
+bf16; bf16 is upcast first under the interpreter, see ``_INTERPRETED``), then is multiplied by the head's scale, as
+the reference does; softmax, weights and values are fp32. The dots on fp32 operands (q . k for fp32 inputs, weights
+. values always) use ``input_precision="tf32x3"`` (``DOT_PRECISION``): three TF32 tensor-core products, close to
+fp32 accuracy, never plain TF32. IEEE fp32 dots lower to FMA loops without tensor cores that spill at these blocks
+for fp32 inputs (ptxas for sm_90: about 4 KB per thread at head dim 64, 0.7 KB at 32), while with 3xTF32 ptxas
+reports no spills for fp32 up to head dim 64, 8 bytes for fp16/bf16 at head dim 128, and about 2 KB for fp32 at 128.
+Configs are pinned; nothing is autotuned. Tested under the interpreter and compiled for sm_90; not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+COMPACT_BLOCK = 1024  # tokens per block of the compaction's prefix sum
+BLOCK_T = 64  # queries per program
+BLOCK_C = 32  # cache entries per block
+BLOCK_S = 32  # compacted routed keys per block
+NUM_WARPS = 4
+NUM_STAGES = 2
+DOT_PRECISION = "tf32x3"  # fp32 operands: three TF32 tensor-core products, close to fp32 (see above)
+MIN_DOT = 16  # the smallest tl.dot dimension the compiler accepts
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _compact_routed_kernel(
+    routed_ptr, index_ptr, count_ptr,
+    T,
+    sr_b, sr_t, si_b, si_t,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    r_base = routed_ptr + b * sr_b
+    i_base = index_ptr + b * si_b
+    total = tl.zeros((), tl.int32)
+    for start in range(0, T, BLOCK):
+        pos = start + offs
+        inside = pos < T
+        r = (tl.load(r_base + pos * sr_t, mask=inside, other=0) != 0).to(tl.int32)
+        slot = total + tl.cumsum(r, axis=0) - 1
+        tl.store(i_base + slot * si_t, pos.to(index_ptr.dtype.element_ty), mask=inside & (r != 0))
+        total += tl.sum(r, axis=0)
+    for start in range(0, T, BLOCK):
+        pos = start + offs
+        tl.store(i_base + pos * si_t, tl.full((BLOCK,), -1, index_ptr.dtype.element_ty),
+                 mask=(pos < T) & (pos >= total))
+    tl.store(count_ptr + b, total.to(count_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, length_ptr, k_ptr, v_ptr, index_ptr, count_ptr, scale_ptr, out_ptr,
+    H, T, C, K, V,
+    sq_b, sq_h, sq_t, sq_k,
+    skc_b, skc_h, skc_c, skc_k,
+    svc_b, svc_h, svc_c, svc_v,
+    sk_b, sk_h, sk_t, sk_k,
+    sv_b, sv_h, sv_t, sv_v,
+    si_b, si_t,
+    so_b, so_h, so_t, so_v,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_FP32: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # int64 offsets: a large cache passes 2^31 elements
+    h = (pid_bh % H).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.arange(0, BLOCK_V)
+    mask_t = offs_t < T
+    mask_k = offs_k < K
+    mask_v = offs_v < V
+    last_t = tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1
+
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_t[:, None] * sq_t + offs_k[None, :] * sq_k,
+                mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+    if QK_FP32:
+        q = q.to(tl.float32)
+    scale = tl.load(scale_ptr + h).to(tl.float32)
+    m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    l_sum = tl.zeros((BLOCK_T,), tl.float32)
+    acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
+
+    # (a) the cache, [0, min(length, C)): every query of the block sees all of it.
+    end = tl.minimum(tl.load(length_ptr + b), C).to(tl.int32)
+    kc_base = k_cache_ptr + b * skc_b + h * skc_h
+    vc_base = v_cache_ptr + b * svc_b + h * svc_h
+    for start in range(0, end, BLOCK_C):
+        offs_c = start + tl.arange(0, BLOCK_C)
+        valid = offs_c < end
+        kt = tl.load(kc_base + offs_c[None, :] * skc_c + offs_k[:, None] * skc_k,
+                     mask=valid[None, :] & mask_k[:, None], other=0.0)
+        if QK_FP32:
+            kt = kt.to(tl.float32)
+        logits = scale * tl.dot(q, kt, input_precision=DOT_PRECISION)
+        logits = tl.where(valid[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(logits - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        vt = tl.load(vc_base + offs_c[:, None] * svc_c + offs_v[None, :] * svc_v,
+                     mask=valid[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=DOT_PRECISION)
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        m = m_new
+
+    # (b) the routed new tokens at sorted positions index[0, count): query t sees those at positions <= t.
+    count = tl.load(count_ptr + b).to(tl.int32)
+    i_base = index_ptr + b * si_b
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    start = 0
+    first = tl.load(i_base, mask=count > 0, other=T).to(tl.int32)  # T: past every query
+    while first <= last_t:
+        offs_s = start + tl.arange(0, BLOCK_S)
+        valid = offs_s < count
+        pos = tl.load(i_base + offs_s * si_t, mask=valid, other=T).to(tl.int32)
+        kt = tl.load(k_base + pos[None, :] * sk_t + offs_k[:, None] * sk_k,
+                     mask=valid[None, :] & mask_k[:, None], other=0.0)
+        if QK_FP32:
+            kt = kt.to(tl.float32)
+        logits = scale * tl.dot(q, kt, input_precision=DOT_PRECISION)
+        logits = tl.where(valid[None, :] & (pos[None, :] <= offs_t[:, None]), logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(logits - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        vt = tl.load(v_base + pos[:, None] * sv_t + offs_v[None, :] * sv_v,
+                     mask=valid[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=DOT_PRECISION)
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        m = m_new
+        start += BLOCK_S
+        first = tl.load(i_base + start * si_t, mask=start < count, other=T).to(tl.int32)
+
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    tl.store(out_ptr + b * so_b + h * so_h + offs_t[:, None] * so_t + offs_v[None, :] * so_v,
+             out.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])
+
+
+# The interpreter's tl.dot multiplies bfloat16 operands as their raw uint16 bits (triton 3.7.1): under it, bf16 q and
+# k are upcast to fp32 before the dot (a product of two bf16 values is exact in fp32: only the order of the sums can
+# differ from the bf16 dot compiled for the GPU).
+_INTERPRETED = isinstance(_prefill_attention_kernel, InterpretedFunction)
+
+
+def _check_routed(routed) -> None:
+    if not isinstance(routed, torch.Tensor):
+        raise ValueError(f"routed must be a torch.Tensor, got {type(routed).__name__}")
+    if routed.dim() != 2:
+        raise ValueError(f"routed must have 2 dimensions [B, T], got shape {tuple(routed.shape)}")
+    if routed.dtype != torch.bool:
+        raise ValueError(f"routed must be torch.bool, got {routed.dtype}")
+
+
+def _compact(routed: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_routed(routed)
+    b, t = routed.shape
+    index = torch.empty(b, t, device=routed.device, dtype=torch.int32)
+    count = torch.empty(b, device=routed.device, dtype=torch.int32)
+    if b == 0:
+        return index, count
+    _compact_routed_kernel[(b,)](
+        routed.view(torch.uint8), index, count,
+        t,
+        *routed.stride(), *index.stride(),
+        BLOCK=block, num_warps=NUM_WARPS,
+    )
+    return index, count
+
+
+def compact_routed(routed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of the routed tokens of each row, in order.
+
+    Args:
+        routed: [B, T] bool; any strides.
+
+    Returns:
+        index: [B, T] int32, row b holding the positions s with routed[b, s] in increasing order in its first
+        count[b] entries and -1 after them; count: [B] int32 routed tokens per row.
+
+    Raises:
+        ValueError: on a routed that is not a 2-d bool tensor.
+    """
+    return _compact(routed, COMPACT_BLOCK)
+
+
+def _check(q, k_cache, v_cache, length, k, v, routed, scale) -> None:
+    named = dict(q=q, k_cache=k_cache, v_cache=v_cache, length=length, k=k, v=v, routed=routed, scale=scale)
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    devices = {t.device for t in named.values()}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
+    expected_ndim = dict(q=4, k_cache=4, v_cache=4, length=1, k=4, v=4, routed=2, scale=1)
+    for name, ndim in expected_ndim.items():
+        if named[name].dim() != ndim:
+            raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(named[name].shape)}")
+    b, h, t, kd = q.shape
+    c, vd = k_cache.shape[2], v_cache.shape[3]
+    expected = dict(k_cache=(b, h, c, kd), v_cache=(b, h, c, vd), length=(b,), k=(b, h, t, kd), v=(b, h, t, vd),
+                    routed=(b, t), scale=(h,))
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (from q {tuple(q.shape)}, k_cache "
+                             f"{tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}), got {tuple(named[name].shape)}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"q must be one of {FLOAT_DTYPES}, got {q.dtype}")
+    for name in ("k_cache", "v_cache", "k", "v"):
+        if named[name].dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {named[name].dtype}")
+    if scale.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"scale must be one of {FLOAT_DTYPES}, got {scale.dtype}")
+    if length.dtype != torch.int64:
+        raise ValueError(f"length must be torch.int64, got {length.dtype}")
+    if routed.dtype != torch.bool:
+        raise ValueError(f"routed must be torch.bool, got {routed.dtype}")
+    if b == 0 or h == 0 or t == 0 or kd == 0 or vd == 0:
+        raise ValueError(f"empty batch, heads, tokens or head dims are not supported: q {tuple(q.shape)}, v_cache "
+                         f"{tuple(v_cache.shape)}")
+
+
+def _prefill(q, k_cache, v_cache, length, k, v, routed, scale, block_t: int, block_c: int, block_s: int,
+             compact_block: int) -> torch.Tensor:
+    _check(q, k_cache, v_cache, length, k, v, routed, scale)
+    b, h, t, kd = q.shape
+    c, vd = k_cache.shape[2], v_cache.shape[3]
+    index, count = _compact(routed, compact_block)
+    out = torch.empty(b, h, t, vd, device=q.device, dtype=q.dtype)
+    _prefill_attention_kernel[(b * h, triton.cdiv(t, block_t))](
+        q, k_cache, v_cache, length, k, v, index, count, scale, out,
+        h, t, c, kd, vd,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(),
+        *index.stride(), *out.stride(),
+        BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_S=block_s,
+        BLOCK_K=max(MIN_DOT, triton.next_power_of_2(kd)), BLOCK_V=max(MIN_DOT, triton.next_power_of_2(vd)),
+        DOT_PRECISION=DOT_PRECISION, QK_FP32=q.dtype == torch.bfloat16 and _INTERPRETED,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
+                      k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Attention of T new tokens over the cache plus the routed new tokens up to each query; see
+    ``reference.cache_attention``.
+
+    Args:
+        q: [B, H, T, K]; k_cache: [B, H, C, K]; v_cache: [B, H, C, V]; length: [B] int64 valid entries (a length
+        past C reads C entries); k: [B, H, T, K], v: [B, H, T, V] the new tokens' keys and values; routed: [B, T]
+        bool; scale: [H]. Query t sees cache entries [0, length) and new token s iff routed[s] and s <= t.
+        q, k_cache, v_cache, k, v share one dtype (float16, bfloat16 or float32); any strides; any T >= 1.
+
+    Returns:
+        [B, H, T, V] in q's dtype (0 for a query that sees no key).
+
+    Raises:
+        ValueError: on a wrong shape, dtype or device mix.
+    """
+    return _prefill(q, k_cache, v_cache, length, k, v, routed, scale, BLOCK_T, BLOCK_C, BLOCK_S, COMPACT_BLOCK)

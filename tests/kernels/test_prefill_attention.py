@@ -1,0 +1,225 @@
+"""Prefill Triton kernels (routed-key compaction, sparse causal cache attention) on a CPU-only machine: parity with
+``reference.cache_attention`` under the interpreter, and a Hopper (sm_90) compile without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ham_export import reference as ref
+
+from .support import compile_for_hopper, interpreted
+
+pa = interpreted("kernels.prefill_attention")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402  (after the skip above)
+
+NAN = float("nan")
+
+
+def test_kernels_run_in_the_interpreter():
+    assert isinstance(pa._compact_routed_kernel, InterpretedFunction)
+    assert isinstance(pa._prefill_attention_kernel, InterpretedFunction)
+
+
+def _route(kind: str, t: int, g: torch.Generator) -> torch.Tensor:
+    if kind == "all":
+        return torch.ones(t, dtype=torch.bool)
+    if kind == "none":
+        return torch.zeros(t, dtype=torch.bool)
+    if kind == "last":
+        return torch.arange(t) == t - 1
+    if kind == "first":
+        return torch.arange(t) == 0
+    assert kind == "random", kind
+    return torch.rand(t, generator=g) < 0.5
+
+
+def _inputs(c, lengths, routes, t, h=2, kd=16, vd=32, seed=0):
+    """fp32 inputs with the cache tails past each length poisoned with NaN: a read past the length shows."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    q = torch.randn(b, h, t, kd, generator=g)
+    k_cache = torch.randn(b, h, c, kd, generator=g)
+    v_cache = torch.randn(b, h, c, vd, generator=g)
+    for i, n in enumerate(lengths):
+        k_cache[i, :, n:] = NAN
+        v_cache[i, :, n:] = NAN
+    length = torch.tensor(lengths, dtype=torch.int64)
+    k = torch.randn(b, h, t, kd, generator=g)
+    v = torch.randn(b, h, t, vd, generator=g)
+    routed = torch.stack([_route(kind, t, g) for kind in routes])
+    scale = 0.5 + torch.rand(h, generator=g)
+    return q, k_cache, v_cache, length, k, v, routed, scale
+
+
+def _check_close(got, want, atol=1e-5, rtol=1e-5):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+# ----------------------------------------------------------------------------------------------------- compaction
+
+@pytest.mark.parametrize("block", [pa.COMPACT_BLOCK, 16, 8])
+@pytest.mark.parametrize("t", [1, 7, 16, 50])
+def test_compact_routed_matches_nonzero(t, block):
+    g = torch.Generator().manual_seed(t)
+    routed = torch.stack([_route(kind, t, g) for kind in ("all", "none", "random", "last", "first", "random")])
+    index, count = pa._compact(routed, block)
+    assert index.shape == routed.shape and index.dtype == torch.int32
+    assert count.shape == (routed.shape[0],) and count.dtype == torch.int32
+    for row, got, n in zip(routed, index, count.tolist(), strict=True):
+        want = row.nonzero().flatten()
+        assert n == len(want)
+        assert got[:n].tolist() == want.tolist()
+        assert (got[n:] == -1).all()
+
+
+def test_compact_routed_public_and_strided():
+    g = torch.Generator().manual_seed(3)
+    wide = torch.rand(70, 6, generator=g) < 0.3
+    routed = wide.t()[:, ::2]  # [6, 35], neither dim contiguous
+    assert not routed.is_contiguous()
+    index, count = pa.compact_routed(routed)
+    assert count.tolist() == routed.sum(1).tolist()
+    for row, got, n in zip(routed, index, count.tolist(), strict=True):
+        assert got[:n].tolist() == row.nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize(("routed", "message"), [
+    (torch.ones(2, 3, dtype=torch.int64), "routed must be torch.bool"),
+    (torch.ones(3, dtype=torch.bool), "routed must have 2 dimensions"),
+    ([[True]], "routed must be a torch.Tensor"),
+])
+def test_compact_routed_bad_inputs_raise_value_error(routed, message):
+    with pytest.raises(ValueError, match=message):
+        pa.compact_routed(routed)
+
+
+# --------------------------------------------------------------------------------------------------- attention
+
+def _lengths(c: int) -> list[int]:
+    """Full, empty, one, and a length that is not a multiple of any block (one row each)."""
+    return [c, 0, min(1, c), 37 if c == 64 else c // 2 + c % 2]
+
+
+def _attention_cases():
+    for t in (1, 2, 17, 40):
+        for c in (0, 1, 5, 64):
+            for route in ("all", "none", "random", "last", "mixed"):
+                routes = ["all", "random", "none", "last"] if route == "mixed" else [route] * 4
+                yield pytest.param(t, c, routes, id=f"T{t}-C{c}-{route}")
+
+
+@pytest.mark.parametrize(("t", "c", "routes"), list(_attention_cases()))
+def test_prefill_matches_reference(t, c, routes):
+    args = _inputs(c, _lengths(c), routes, t, seed=t * 100 + c)
+    _check_close(pa.prefill_attention(*args), ref.cache_attention(*args))
+
+
+@pytest.mark.parametrize(("kd", "vd"), [(8, 8), (32, 16), (16, 40)])
+@pytest.mark.parametrize("routes", [["random", "all", "last", "random"], ["none", "first", "random", "all"]])
+def test_small_blocks_and_head_dims(kd, vd, routes):
+    """Blocks of 16: several query blocks, cache blocks and routed-key blocks per program; a length past C."""
+    args = _inputs(64, [64, 37, 0, 16], routes, 40, kd=kd, vd=vd, seed=kd + vd)
+    want = ref.cache_attention(*args)
+    _check_close(pa._prefill(*args, block_t=16, block_c=16, block_s=16, compact_block=16), want)
+    q, k_cache, v_cache, length, k, v, routed, scale = args
+    clean = torch.nan_to_num(k_cache), torch.nan_to_num(v_cache)
+    past = (q, *clean, length.clamp_min(1) + 100, k, v, routed, scale)  # a length past C reads the C entries
+    _check_close(pa._prefill(*past, block_t=16, block_c=16, block_s=16, compact_block=16),
+                 ref.cache_attention(*past))
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the later query blocks do read the NaN keys
+def test_unrouted_and_later_tokens_are_never_read():
+    """k, v of unrouted tokens hold NaN; the first query block stops before the routed keys of later blocks."""
+    q, k_cache, v_cache, length, k, v, routed, scale = _inputs(5, [5, 2], ["random", "all"], 40, seed=7)
+    want = ref.cache_attention(q, k_cache, v_cache, length, k, v, routed, scale)
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[~routed[:, None, :].expand_as(k[..., 0])] = NAN
+    v_bad[~routed[:, None, :].expand_as(v[..., 0])] = NAN
+    args = (q, k_cache, v_cache, length, k_bad, v_bad, routed, scale)
+    _check_close(pa._prefill(*args, block_t=16, block_c=16, block_s=16, compact_block=16), want)
+    _check_close(pa.prefill_attention(*args), want)
+
+    all_routed = torch.ones_like(routed)
+    want = ref.cache_attention(q, k_cache, v_cache, length, k, v, all_routed, scale)
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, :, 16:] = NAN  # the keys past the first query block of 16 (and past its first routed-key block)
+    v_bad[:, :, 16:] = NAN
+    got = pa._prefill(q, k_cache, v_cache, length, k_bad, v_bad, all_routed, scale,
+                      block_t=16, block_c=16, block_s=16, compact_block=16)
+    _check_close(got[:, :, :16], want[:, :, :16])
+
+
+def test_strided_inputs():
+    q, k_cache, v_cache, length, k, v, routed, scale = _inputs(64, [64, 37], ["random", "random"], 17, seed=11)
+    q_s = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, T, H, K] memory
+    k_cache_s = torch.empty(2, 2, 64, 32)[..., ::2]
+    k_cache_s.copy_(k_cache)
+    v_cache_s = v_cache.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+    k_s = torch.empty(2, 2, 34, 16)[:, :, ::2]
+    k_s.copy_(k)
+    v_s = v.transpose(2, 3).contiguous().transpose(2, 3)
+    routed_s = torch.zeros(2, 34, dtype=torch.bool)[:, ::2]
+    routed_s.copy_(routed)
+    strided = (q_s, k_cache_s, v_cache_s, length, k_s, v_s, routed_s, scale)
+    assert not any(x.is_contiguous() for x in strided[:3] + strided[4:7])
+    _check_close(pa.prefill_attention(*strided), ref.cache_attention(q, k_cache, v_cache, length, k, v, routed, scale))
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_half_precision(dtype, tol):
+    args = _inputs(64, [64, 37, 0], ["random", "all", "last"], 40, seed=13)
+    low = [x.to(dtype) if x.is_floating_point() and x.dim() == 4 else x for x in args]
+    want = ref.cache_attention(*[x.float() if x.dtype == dtype else x for x in low])
+    got = pa.prefill_attention(*low)
+    assert got.dtype == dtype
+    _check_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def _bad(**change):
+    names = ("q", "k_cache", "v_cache", "length", "k", "v", "routed", "scale")
+    args = dict(zip(names, _inputs(8, [8], ["all"], 3, kd=16, vd=16), strict=True))
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(k_cache=torch.zeros(1, 2, 8, 8)), "k_cache must have shape"),
+    (dict(v_cache=torch.zeros(1, 3, 8, 16)), "v_cache must have shape"),
+    (dict(k=torch.zeros(1, 2, 2, 16)), "k must have shape (1, 2, 3, 16)"),
+    (dict(v=torch.zeros(1, 2, 3, 8)), "v must have shape (1, 2, 3, 16)"),
+    (dict(length=torch.zeros(2, dtype=torch.int64)), "length must have shape"),
+    (dict(length=torch.zeros(1, dtype=torch.int32)), "length must be torch.int64"),
+    (dict(routed=torch.ones(1, 3, dtype=torch.int64)), "routed must be torch.bool"),
+    (dict(routed=torch.ones(1, 2, dtype=torch.bool)), "routed must have shape (1, 3)"),
+    (dict(routed=torch.ones(3, dtype=torch.bool)), "routed must have 2 dimensions"),
+    (dict(scale=torch.ones(3)), "scale must have shape"),
+    (dict(scale=torch.ones(2, dtype=torch.int64)), "scale must be one of"),
+    (dict(v=torch.zeros(1, 2, 3, 16, dtype=torch.float64)), "v must have q's dtype"),
+    (dict(q=torch.zeros(1, 2, 3, 16, dtype=torch.float64)), "q must be one of"),
+    (dict(q=torch.zeros(1, 2, 0, 16), k=torch.zeros(1, 2, 0, 16), v=torch.zeros(1, 2, 0, 16),
+          routed=torch.ones(1, 0, dtype=torch.bool)), "empty batch, heads, tokens"),
+    (dict(k=[0.0]), "k must be a torch.Tensor"),
+    (dict(length=torch.zeros(1, dtype=torch.int64, device="meta")), "all inputs must be on one device"),
+])
+def test_bad_inputs_raise_value_error(change, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        pa.prefill_attention(**_bad(**change))
+
+
+@pytest.mark.parametrize("dtype", ["*fp32", "*bf16"])
+def test_kernels_compile_for_hopper(dtype):
+    compile_for_hopper("kernels.prefill_attention", {
+        "_compact_routed_kernel": (
+            dict(routed_ptr="*u8", index_ptr="*i32", count_ptr="*i32"),
+            dict(BLOCK=pa.COMPACT_BLOCK)),
+        "_prefill_attention_kernel": (
+            dict(q_ptr=dtype, k_cache_ptr=dtype, v_cache_ptr=dtype, length_ptr="*i64", k_ptr=dtype, v_ptr=dtype,
+                 index_ptr="*i32", count_ptr="*i32", scale_ptr="*fp32", out_ptr=dtype),
+            dict(BLOCK_T=pa.BLOCK_T, BLOCK_C=pa.BLOCK_C, BLOCK_S=pa.BLOCK_S, BLOCK_K=64, BLOCK_V=64,
+                 DOT_PRECISION=pa.DOT_PRECISION, QK_FP32=False)),
+    })
