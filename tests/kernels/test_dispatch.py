@@ -14,46 +14,11 @@ import torch
 from ham_export import ops
 from ham_export import reference as ref
 
-from .support import interpreted
+from .dispatch_cases import CASES, attention_args, gdn_args
+from .support import ROOT, interpreted
 
 KERNEL_MODULES = {name: interpreted(name) for name in
                   ("kernels.cache_attention", "kernels.prefill_attention", "kernels.cache_append", "kernels.gdn")}
-
-
-def _attention_args(t: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    b, h, c, k = 2, 2, 24, 16
-    k_cache, v_cache = torch.randn(b, h, c, k, generator=g), torch.randn(b, h, c, k, generator=g)
-    length = torch.tensor([c, 7])
-    k_cache[1, :, 7:] = float("nan")
-    v_cache[1, :, 7:] = float("nan")
-    q, kn, vn = (torch.randn(b, h, t, k, generator=g) for _ in range(3))
-    routed = torch.rand(b, t, generator=g) > 0.4
-    return q, k_cache, v_cache, length, kn, vn, routed, torch.tensor([2.0, 3.0])
-
-
-def _append_args(t: int, policy: str):
-    _, k_cache, v_cache, length, kn, vn, routed, _ = _attention_args(t, seed=1)
-    score_cache = torch.rand(2, 24)
-    score_cache[1, 7:] = float("nan")
-    return k_cache, v_cache, score_cache, length, kn, vn, torch.rand(2, t), routed, policy
-
-
-def _gdn_args(t: int):
-    g = torch.Generator().manual_seed(2)
-    b, h, k = 1, 2, 16
-    q, kk = (ref.l2_normalize(torch.randn(b, t, h, k, generator=g)) for _ in range(2))
-    v = torch.randn(b, t, h, k, generator=g)
-    return q, kk, v, -torch.rand(b, t, h, generator=g), torch.rand(b, t, h, generator=g), torch.randn(b, h, k, k)
-
-
-CASES = [
-    ("cache_attention", _attention_args(1), "kernels.cache_attention", "cache_attention_decode"),
-    ("cache_attention", _attention_args(5), "kernels.prefill_attention", "prefill_attention"),
-    ("cache_append", _append_args(1, "drop"), "kernels.cache_append", "cache_append"),
-    ("cache_append", _append_args(9, "evict"), "kernels.cache_append", "cache_append"),
-    ("gdn_prefill", _gdn_args(7), "kernels.gdn", "gdn_chunked"),
-]
 
 
 @pytest.mark.parametrize(("op", "args", "module", "function"), CASES,
@@ -76,7 +41,7 @@ def test_environment_variable_forces_the_reference(monkeypatch, caplog):
     monkeypatch.setenv(ops.FORCE_REFERENCE, "1")
     ops._logged.clear()
     with caplog.at_level(logging.INFO, logger="ham_export.ops"):
-        fn = ops.select_cuda_kernel("cache_attention", *_attention_args(1))
+        fn = ops.select_cuda_kernel("cache_attention", *attention_args(1))
     assert fn is ref.cache_attention
     assert "reference (HAM_FORCE_REFERENCE is set)" in caplog.text
 
@@ -85,18 +50,39 @@ def test_a_missing_kernel_is_an_error_not_a_silent_switch(monkeypatch):
     monkeypatch.delenv(ops.FORCE_REFERENCE, raising=False)
     monkeypatch.setitem(ops.TRITON_KERNELS, "gdn_prefill", [(lambda *_: True, "kernels.no_such_module:gdn")])
     with pytest.raises(ops.KernelUnavailableError, match=r"cannot be imported.*HAM_FORCE_REFERENCE=1"):
-        ops.select_cuda_kernel("gdn_prefill", *_gdn_args(3))
+        ops.select_cuda_kernel("gdn_prefill", *gdn_args(3))
+
+
+_GPU_CHILD = """
+import sys, torch
+from ham_export import ops
+from tests.kernels.dispatch_cases import CASES
+op, module, function, args = CASES[int(sys.argv[1])][0], *CASES[int(sys.argv[1])][2:], CASES[int(sys.argv[1])][1]
+fn = ops.select_cuda_kernel(op, *args)
+assert fn.__module__ == module and fn.__name__ == function, (fn.__module__, fn.__name__)
+cuda = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+got = getattr(torch.ops.ham, op)(*cuda)
+want = ops._REFERENCES[op](*args)
+got = got if isinstance(got, (tuple, list)) else (got,)
+want = want if isinstance(want, tuple) else (want,)
+for g, w in zip(got, want, strict=True):
+    assert g.is_cuda
+    torch.testing.assert_close(g.cpu(), w, atol=1e-4, rtol=1e-4, equal_nan=True)
+print("ok")
+"""
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: runs the ops' CUDA registrations")
-@pytest.mark.parametrize(("op", "args"), [(c[0], c[1]) for c in CASES], ids=[c[2] + "-" + c[0] for c in CASES])
-def test_cuda_ops_match_the_reference_on_a_gpu(op, args, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv(ops.FORCE_REFERENCE, raising=False)
-    cuda = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-    got = getattr(torch.ops.ham, op)(*cuda)
-    want = ops._REFERENCES[op](*args)
-    for g, w in zip(got if isinstance(got, (tuple, list)) else (got,), want if isinstance(want, tuple) else (want,),
-                    strict=True):
-        torch.testing.assert_close(g.cpu(), w, atol=1e-4, rtol=1e-4, equal_nan=True)
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[c[2] + "-" + c[0] for c in CASES])
+def test_cuda_ops_match_the_reference_on_a_gpu(index):
+    """In a child process without TRITON_INTERPRET: the compiled kernels, through torch.ops.ham on CUDA tensors."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", ops.FORCE_REFERENCE)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _GPU_CHILD, str(index)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-4000:]

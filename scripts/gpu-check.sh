@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU checks, for a machine with a CUDA GPU (torch, triton and pytest installed; no network needed): the
+# gpu-marked tests (compiled Triton kernels against the reference, the ham ops' CUDA registrations), then the
+# decode benchmark, whose Markdown table goes to stdout and whose rows go to build/gpu-bench.json.
+#
+#   bash scripts/gpu-check.sh            # uses .venv/bin/python when present, else python3
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${HAM_PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+"$python" - <<'PY'
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit("gpu-check: no CUDA GPU is visible to torch")
+print("gpu-check:", torch.cuda.get_device_name(), "torch", torch.__version__, file=sys.stderr)
+PY
+mkdir -p build
+PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} "$python" -m pytest -q -m gpu -p no:cacheprovider tests/kernels
+PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} "$python" kernels/bench.py --json build/gpu-bench.json "$@"
