@@ -12,8 +12,8 @@ forms that agree with each other (see ``tests/test_model.py``):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,16 @@ class RouteInfo(NamedTuple):
     score: torch.Tensor
     routed: torch.Tensor
     overflow: torch.Tensor | None = None
+
+
+class LayerKernels(Protocol):
+    """Other implementations of a layer's recurrence and cache side (e.g. the Triton kernels of ``kernels/``):
+    ``gdn(decode)`` returns a function with the arguments and results of ``reference.gdn_recurrent``;
+    ``cache_side(layer, decode)`` one with those of :meth:`HAMLayer.cache_side`."""
+
+    def gdn(self, decode: bool) -> Callable: ...
+
+    def cache_side(self, layer: HAMLayer, decode: bool) -> Callable: ...
 
 
 class RMSNorm(nn.Module):
@@ -150,38 +160,56 @@ class HAMLayer(nn.Module):
             o_kv = ref.routed_attention(qh, kh, vh, causal & routed[:, None, :], self.attn_scale)
         return self._combine(x, o_rnn, o_kv.transpose(1, 2)), RouteInfo(score, routed)
 
-    def prefill(self, x: torch.Tensor, state: LayerState, tau: torch.Tensor, policy: str = "error"
-                ) -> tuple[torch.Tensor, LayerState, RouteInfo]:
+    def prefill(self, x: torch.Tensor, state: LayerState, tau: torch.Tensor, policy: str = "error",
+                kernels: LayerKernels | None = None) -> tuple[torch.Tensor, LayerState, RouteInfo]:
         """Prompt form: x [B, T, d] continuing from ``state`` -> y [B, T, d], new state, route info."""
-        return self._with_state(x, state, tau, ops.gdn_prefill, policy)
+        if kernels is None:
+            return self._with_state(x, state, tau, ops.gdn_prefill, policy)
+        return self._with_state(x, state, tau, kernels.gdn(False), policy, kernels.cache_side(self, False))
 
-    def step(self, x: torch.Tensor, state: LayerState, tau: torch.Tensor, policy: str = "error"
-             ) -> tuple[torch.Tensor, LayerState, RouteInfo]:
+    def step(self, x: torch.Tensor, state: LayerState, tau: torch.Tensor, policy: str = "error",
+             kernels: LayerKernels | None = None) -> tuple[torch.Tensor, LayerState, RouteInfo]:
         """Decode form: x [B, d], one token per sequence -> y [B, d], new state, route info ([B, 1])."""
-        y, new_state, info = self._with_state(x[:, None], state, tau, ref.gdn_recurrent, policy)
+        if kernels is None:
+            y, new_state, info = self._with_state(x[:, None], state, tau, ref.gdn_recurrent, policy)
+        else:
+            y, new_state, info = self._with_state(x[:, None], state, tau, kernels.gdn(True), policy,
+                                                  kernels.cache_side(self, True))
         return y[:, 0], new_state, info
 
-    def _with_state(self, x, state: LayerState, tau, gdn, policy) -> tuple[torch.Tensor, LayerState, RouteInfo]:
+    def _with_state(self, x, state: LayerState, tau, gdn, policy, cache_side=None
+                    ) -> tuple[torch.Tensor, LayerState, RouteInfo]:
         """Within one call, attention sees the cache as it stood plus the call's routed tokens up to each query;
-        the call's routed tokens are stored at its end, under ``policy`` when they do not fit."""
+        the call's routed tokens are stored at its end, under ``policy`` when they do not fit.
+
+        ``gdn`` runs the recurrence (a reference or a kernel with its arguments); ``cache_side`` (default
+        :meth:`cache_side`, the ``ham`` ops) scores, routes, attends and appends, with the same arguments."""
         if policy not in POLICIES:
             raise InputError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         q, k, v, g, beta, conv = self._project(x, state.conv)
         o_rnn, vhat, ssm = gdn(q, k, v, g, beta, state.ssm)
-        score = self._score(x, vhat, v)
-        routed = ref.route(score, tau.to(score.dtype))
-        qh, kh, vh = (z.transpose(1, 2) for z in (q, k, v))
-        o_kv = ops.cache_attention(qh, state.k_cache, state.v_cache, state.length, kh, vh, routed, self.attn_scale)
-        k_cache, v_cache, score_cache, length, overflow = ops.cache_append(
-            state.k_cache, state.v_cache, state.score_cache, state.length, kh, vh, score, routed,
-            "drop" if policy == "error" else policy)
+        o_kv, score, routed, (k_cache, v_cache, score_cache, length, overflow) = (cache_side or self.cache_side)(
+            x, q, k, v, vhat, state, tau, "drop" if policy == "error" else policy)
         if policy == "error" and bool((overflow > 0).any()):
             raise CacheFullError(
                 f"the KV cache is full: capacity {state.k_cache.shape[2]}, a sequence needs "
                 f"{int((state.length + routed.sum(1)).max())} entries; allocate a larger state or choose an "
                 f"overflow policy (drop, evict)")
-        y = self._combine(x, o_rnn, o_kv.transpose(1, 2))
+        y = self._combine(x, o_rnn, o_kv)
         return y, LayerState(ssm, conv, k_cache, v_cache, score_cache, length), RouteInfo(score, routed, overflow)
+
+    def cache_side(self, x, q, k, v, vhat, state: LayerState, tau, policy: str):
+        """Score, route, attention over the cache as it stood plus the routed new tokens, append under ``policy``.
+
+        q, k: [B, T, H, K]; v, vhat: [B, T, H, V] -> o_kv [B, T, H, V], score [B, T], routed [B, T], and the new
+        (k_cache, v_cache, score_cache, length, overflow)."""
+        score = self._score(x, vhat, v)
+        routed = ref.route(score, tau.to(score.dtype))
+        qh, kh, vh = (z.transpose(1, 2) for z in (q, k, v))
+        o_kv = ops.cache_attention(qh, state.k_cache, state.v_cache, state.length, kh, vh, routed, self.attn_scale)
+        appended = ops.cache_append(state.k_cache, state.v_cache, state.score_cache, state.length, kh, vh, score,
+                                    routed, policy)
+        return o_kv.transpose(1, 2), score, routed, appended
 
     def init_state(self, batch: int, capacity: int, device=None, dtype=torch.float32,
                    fill: float = 0.0) -> LayerState:
@@ -309,14 +337,16 @@ class HAMLM(nn.Module):
         return self.run_with_state(tokens, state, self.thresholds(thresholds), policy, decode=True)
 
     def run_with_state(self, tokens: torch.Tensor, state: list[LayerState], tau: torch.Tensor, policy: str,
-                       decode: bool) -> tuple[torch.Tensor, list[LayerState], list[RouteInfo]]:
+                       decode: bool, kernels: LayerKernels | None = None
+                       ) -> tuple[torch.Tensor, list[LayerState], list[RouteInfo]]:
         """:meth:`prefill` (``decode=False``) or :meth:`step` without input checks: the traceable core that the
-        exported programs call. ``tau`` is the [n_layers] threshold tensor."""
+        exported programs call. ``tau`` is the [n_layers] threshold tensor; ``kernels`` replaces the layers'
+        recurrence and cache side (default: the ``ham`` ops and the reference)."""
         h = self.embed(tokens)
         new_state, routes = [], []
         for i, block in enumerate(self.blocks):
             form = block.mixer.step if decode else block.mixer.prefill
-            y, s, info = form(block.norm_mixer(h), state[i], tau[i], policy)
+            y, s, info = form(block.norm_mixer(h), state[i], tau[i], policy, kernels)
             h = h + y
             h = h + block.mlp(block.norm_mlp(h))
             new_state.append(s)

@@ -7,6 +7,7 @@ as torch tensors on the CPU. :func:`load_runner` opens any artifact folder by it
 
 from __future__ import annotations
 
+import copy
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -114,6 +115,47 @@ class EagerRunner(Runner):
 
     def state_tensors(self, state):
         return flatten_state(state)
+
+
+class TritonRunner(Runner):
+    """The eager model with every HAM op on the Triton kernels (:mod:`ham_export.triton_path`), state in place.
+
+    On a CUDA GPU (the default device when one exists) this is the fast eager decode; on the CPU the kernels run
+    only under ``TRITON_INTERPRET=1``. Outputs come back to the CPU; :meth:`state_tensors` returns CPU copies.
+    """
+
+    name = "triton"
+
+    def __init__(self, model: HAMLM, capacity: int, policy: str, device: str | torch.device | None = None) -> None:
+        from .triton_path import TritonKernels, check_device
+
+        if policy not in ("drop", "evict"):
+            raise InputError(f"the Triton path's policy is drop or evict, got {policy!r}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_device(self.device)
+        self.kernels = TritonKernels()
+        weight = model.embed.weight
+        self.model = (model if weight.device == self.device else copy.deepcopy(model).to(self.device)).eval()
+        self.capacity, self.policy = capacity, policy
+        self.n_layers, self.vocab_size = model.cfg.n_layers, model.cfg.vocab_size
+
+    @torch.no_grad()
+    def _run(self, tokens, thresholds, state, decode: bool):
+        logits, state, routes = self.model.run_with_state(tokens.to(self.device), state, thresholds.to(self.device),
+                                                          self.policy, decode, self.kernels)
+        out = EagerRunner._output(logits, routes)
+        return Output(*(x.cpu() for x in (out.logits, out.scores, out.routed, out.overflow))), state
+
+    def _prefill(self, tokens, thresholds):
+        weight = self.model.embed.weight
+        state = self.model.init_state(tokens.shape[0], self.capacity, weight.device, weight.dtype)
+        return self._run(tokens, thresholds, state, decode=False)
+
+    def _step(self, token, thresholds, state):
+        return self._run(token, thresholds, state, decode=True)
+
+    def state_tensors(self, state):
+        return [x.detach().cpu().clone() for x in flatten_state(state)]
 
 
 class ExportedProgramRunner(Runner):
@@ -362,5 +404,5 @@ def eager_runner_like(model: HAMLM, runner: Runner) -> EagerRunner:
     return EagerRunner(model, runner.capacity, runner.policy)
 
 
-__all__ = ["AotiRunner", "EagerRunner", "ExportedProgramRunner", "OrtRunner", "Output", "Runner", "TvmRunner",
-           "load_runner", "unflatten_state"]
+__all__ = ["AotiRunner", "EagerRunner", "ExportedProgramRunner", "OrtRunner", "Output", "Runner", "TritonRunner",
+           "TvmRunner", "load_runner", "unflatten_state"]

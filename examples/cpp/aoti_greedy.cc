@@ -1,0 +1,240 @@
+// Greedy decoding with a ham-export AOTInductor package (model.pt2 + ham_export.json), from C++ with libtorch.
+//
+//   aoti_greedy [--ops LIB] PACKAGE PROMPT STEPS
+//
+// PACKAGE is the model.pt2 written by ham_export.export.export_native (or the folder holding it). The compiled
+// code calls the ham ops through the dispatcher, so the op library libham_torch_ops.so (runtimes/libtorch) is
+// dlopen'ed first: LIB, or the one next to this executable. Then the package's "prefill" and "decode" models are
+// loaded with torch::inductor::AOTIModelPackageLoader, the UTF-8 bytes of PROMPT are prefilled as one sequence, and
+// the most likely token is picked STEPS times (the first from the prefill's last position, each later one from a
+// decode step); the STEPS token ids are printed on one line. The thresholds are read from the manifest's
+// "thresholds" array. CPU packages only.
+//
+// Exit codes: 0 ok, 2 bad arguments, manifest or op library, 1 a libtorch error.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/util/Exception.h>
+#include <dlfcn.h>
+#include <sys/stat.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr const char* kOpLibrary = "libham_torch_ops.so";
+constexpr const char* kOps[] = {"ham::cache_attention", "ham::cache_append", "ham::gdn_prefill"};
+
+// The argument error type: reported with exit code 2.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+bool IsFile(const std::string& path) {
+  struct stat info;
+  return stat(path.c_str(), &info) == 0 && S_ISREG(info.st_mode);
+}
+
+bool IsDir(const std::string& path) {
+  struct stat info;
+  return stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode);
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw UsageError("cannot read " + path);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// The folder of a path ("." when it has none).
+std::string Parent(const std::string& path) {
+  size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+// The folder of this executable (from /proc/self/exe).
+std::string ExecutableDir() {
+  std::vector<char> buffer(4096);
+  ssize_t n = readlink("/proc/self/exe", buffer.data(), buffer.size() - 1);
+  if (n <= 0) return ".";
+  return Parent(std::string(buffer.data(), static_cast<size_t>(n)));
+}
+
+// The value of the first "key": "value" string in the manifest, or "" when there is none (no JSON library).
+std::string ManifestString(const std::string& text, const std::string& key) {
+  size_t at = text.find("\"" + key + "\"");
+  if (at == std::string::npos) return "";
+  size_t colon = text.find(':', at);
+  size_t open = colon == std::string::npos ? colon : text.find_first_not_of(" \t\r\n", colon + 1);
+  if (open == std::string::npos || text[open] != '"') return "";
+  size_t close = text.find('"', open + 1);
+  return close == std::string::npos ? "" : text.substr(open + 1, close - open - 1);
+}
+
+// The numbers of the first "thresholds": [...] array in the manifest (a flat list of floats).
+std::vector<float> ManifestThresholds(const std::string& manifest_path, const std::string& text) {
+  size_t key = text.find("\"thresholds\"");
+  if (key == std::string::npos) throw UsageError(manifest_path + " has no \"thresholds\"");
+  size_t open = text.find('[', key);
+  size_t close = text.find(']', open);
+  if (open == std::string::npos || close == std::string::npos) {
+    throw UsageError(manifest_path + ": \"thresholds\" is not an array");
+  }
+  std::vector<float> values;
+  std::string body = text.substr(open + 1, close - open - 1);
+  std::stringstream items(body);
+  std::string item;
+  while (std::getline(items, item, ',')) {
+    if (item.find_first_not_of(" \t\r\n") == std::string::npos) continue;
+    char* end = nullptr;
+    double v = std::strtod(item.c_str(), &end);
+    if (end == item.c_str()) throw UsageError(manifest_path + ": bad threshold '" + item + "'");
+    values.push_back(static_cast<float>(v));
+  }
+  if (values.empty()) throw UsageError(manifest_path + ": empty \"thresholds\"");
+  return values;
+}
+
+// Checks that the manifest describes a CPU AOTInductor package and returns its thresholds.
+std::vector<float> ReadManifest(const std::string& manifest_path) {
+  if (!IsFile(manifest_path)) {
+    throw UsageError("no manifest at " + manifest_path + " (ham_export.json belongs beside the package)");
+  }
+  std::string text = ReadFile(manifest_path);
+  std::string backend = ManifestString(text, "backend");
+  if (backend != "aotinductor") {
+    throw UsageError(manifest_path + " describes a '" + backend + "' artifact, not an AOTInductor package");
+  }
+  std::string device = ManifestString(text, "device");
+  if (!device.empty() && device != "cpu") {
+    throw UsageError(manifest_path + ": the package was compiled for '" + device + "'; this program runs CPU ones");
+  }
+  return ManifestThresholds(manifest_path, text);
+}
+
+// dlopens the op library and checks that it registered the ham ops with the dispatcher.
+void LoadOpLibrary(const std::string& path) {
+  if (!IsFile(path)) {
+    throw UsageError("op library not found at " + path +
+                     "; build it with bash scripts/build-torch-ops.sh (or the examples/cpp/aoti CMake project, which "
+                     "puts it next to aoti_greedy) or pass --ops LIB");
+  }
+  // Its static initializers register the ops; the handle is never closed, so they stay registered.
+  if (dlopen(path.c_str(), RTLD_NOW) == nullptr) {
+    const char* error = dlerror();
+    throw UsageError("cannot load the op library " + path + ": " + (error ? error : "unknown dlopen error"));
+  }
+  for (const char* op : kOps) {
+    if (!c10::Dispatcher::singleton().findSchema({op, ""}).has_value()) {
+      throw UsageError(path + " does not define " + op + "; it is not the HAM op library " + kOpLibrary);
+    }
+  }
+}
+
+at::Tensor HostTensor(std::vector<int64_t> shape, at::ScalarType dtype, const void* src) {
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));
+  std::memcpy(t.data_ptr(), src, t.nbytes());
+  return t;
+}
+
+// The index of the largest of n floats (the first on ties, as torch.argmax on the CPU).
+int64_t ArgMax(const float* row, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i) {
+    if (row[i] > row[best]) best = i;
+  }
+  return best;
+}
+
+// The last position's logits of a [1, T, V] or [1, V] float32 tensor -> its argmax.
+int64_t LastArgMax(const at::Tensor& logits_in) {
+  if (!logits_in.device().is_cpu() || logits_in.scalar_type() != at::kFloat || logits_in.dim() < 2) {
+    throw std::runtime_error("logits must be a float32 CPU tensor [1, ..., V]");
+  }
+  at::Tensor logits = logits_in.contiguous();
+  int64_t vocab = logits.size(-1);
+  int64_t rows = logits.numel() / vocab;
+  return ArgMax(logits.const_data_ptr<float>() + (rows - 1) * vocab, vocab);
+}
+
+int Run(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  std::string ops = ExecutableDir() + "/" + kOpLibrary;
+  if (args.size() >= 2 && args[0] == "--ops") {
+    ops = args[1];
+    args.erase(args.begin(), args.begin() + 2);
+  }
+  if (args.size() != 3) throw UsageError("usage: aoti_greedy [--ops LIB] PACKAGE PROMPT STEPS");
+  std::string package = args[0], prompt = args[1];
+  char* end = nullptr;
+  long steps = std::strtol(args[2].c_str(), &end, 10);
+  if (args[2].empty() || *end != '\0' || steps < 0) throw UsageError("STEPS must be a whole number >= 0");
+  if (prompt.empty()) throw UsageError("PROMPT must not be empty");
+  if (IsDir(package)) package += "/model.pt2";
+  if (!IsFile(package)) throw UsageError("no package at " + package);
+
+  std::vector<float> thresholds = ReadManifest(Parent(package) + "/ham_export.json");
+  LoadOpLibrary(ops);
+  c10::InferenceMode inference;
+  torch::inductor::AOTIModelPackageLoader prefill(package, "prefill");
+  torch::inductor::AOTIModelPackageLoader decode(package, "decode");
+
+  std::vector<int64_t> ids;
+  for (unsigned char c : prompt) ids.push_back(c);  // byte-level vocabulary: token id = UTF-8 byte
+  at::Tensor tokens = HostTensor({1, static_cast<int64_t>(ids.size())}, at::kLong, ids.data());
+  at::Tensor thr = HostTensor({static_cast<int64_t>(thresholds.size())}, at::kFloat, thresholds.data());
+
+  // Outputs: logits, scores, routed, overflow, then the state (6 tensors a layer) that decode takes back.
+  constexpr size_t kHead = 4;
+  std::vector<at::Tensor> outputs = prefill.run({tokens, thr});
+  if (outputs.size() <= kHead) throw std::runtime_error("prefill returned too few outputs");
+  int64_t token = LastArgMax(outputs[0]);
+
+  std::vector<int64_t> picked;
+  for (long step = 0; step < steps; ++step) {
+    picked.push_back(token);
+    if (step + 1 == steps) break;
+    // decode(token, thresholds, *state): the compiled code reads its inputs with the contiguous strides it was
+    // compiled for, without checking them, so every input is made contiguous.
+    std::vector<at::Tensor> inputs{HostTensor({1}, at::kLong, &token), thr};
+    for (size_t i = kHead; i < outputs.size(); ++i) inputs.push_back(outputs[i].contiguous());
+    outputs = decode.run(inputs);
+    if (outputs.size() <= kHead) throw std::runtime_error("decode returned too few outputs");
+    token = LastArgMax(outputs[0]);
+  }
+  for (size_t i = 0; i < picked.size(); ++i) std::cout << (i ? " " : "") << picked[i];
+  std::cout << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return Run(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << "aoti_greedy: " << e.what() << "\n";
+    return 2;
+  } catch (const c10::Error& e) {
+    std::cerr << "aoti_greedy: " << e.what_without_backtrace() << "\n";  // no C++ backtrace
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "aoti_greedy: " << e.what() << "\n";
+    return 1;
+  }
+}
