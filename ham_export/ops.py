@@ -28,7 +28,12 @@ from .errors import HamError
 log = logging.getLogger(__name__)
 FORCE_REFERENCE = "HAM_FORCE_REFERENCE"
 
-_lib = torch.library.Library(opspec.TORCH_NAMESPACE, "DEF")
+try:
+    _lib = torch.library.Library(opspec.TORCH_NAMESPACE, "DEF")
+except RuntimeError:  # the namespace exists: most likely libham_torch_ops.so was loaded into this process first
+    raise HamError("the ham ops are already registered in this process (was runtimes/libtorch's "
+                   "libham_torch_ops.so loaded?); ham_export.ops registers them for Python, the C++ library is for "
+                   "C++ processes: load one or the other") from None
 for _spec in opspec.OPS:
     _lib.define(f"{_spec.torch_name}{_spec.torch_schema()}")
 

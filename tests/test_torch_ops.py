@@ -333,3 +333,20 @@ def test_bad_dtypes_lengths_and_policies_are_errors(worker):
         worker.call("cache_append", *args, "keep")
     with pytest.raises(RuntimeError, match=r"input 'length' holds -1 at batch 0"):
         worker.call("cache_append", *args[:3], torch.tensor([-1, 2]), *args[4:], "drop")
+
+
+@pytest.mark.parametrize("order", ["library-then-python", "python-then-library"])
+def test_both_registrations_in_one_process_fail_cleanly(worker, order):  # worker: the library is built
+    """Never an abort: the library registers nothing after ham_export.ops; ham_export.ops refuses after the library."""
+    load = f"torch.ops.load_library({str(LIBRARY)!r})"
+    body = (f"{load}\ntry:\n    import ham_export.ops\nexcept Exception as exc:\n    print(type(exc).__name__, exc)"
+            if order == "library-then-python" else
+            f"import ham_export.ops\n{load}\nprint('ok', torch.ops.ham.cache_attention.default._schema.name)")
+    run = subprocess.run([sys.executable, "-c", "import torch\n" + body], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    if order == "library-then-python":
+        assert run.stdout.startswith("HamError the ham ops are already registered"), run.stdout
+    else:
+        assert run.stdout.strip() == "ok ham::cache_attention"
+        assert "this library registers nothing" in run.stderr

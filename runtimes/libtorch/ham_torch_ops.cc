@@ -9,11 +9,14 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -233,19 +236,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> GdnPrefill(const at::Tensor& q_in
 }  // namespace
 }  // namespace ham
 
-// The schemas of OpSpec.torch_schema() (ham_export/opspec.py), argument for argument.
-TORCH_LIBRARY(ham, m) {
-  m.def(
-      "cache_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor length, Tensor k, Tensor v, Tensor routed, "
-      "Tensor scale) -> Tensor");
-  m.def(
-      "cache_append(Tensor k_cache, Tensor v_cache, Tensor score_cache, Tensor length, Tensor k, Tensor v, "
-      "Tensor score, Tensor routed, str policy) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("gdn_prefill(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor state) -> (Tensor, Tensor, Tensor)");
-}
+namespace {
 
-TORCH_LIBRARY_IMPL(ham, CPU, m) {
-  m.impl("cache_attention", &ham::CacheAttention);
-  m.impl("cache_append", &ham::CacheAppend);
-  m.impl("gdn_prefill", &ham::GdnPrefill);
-}
+// Registered with torch::Library objects rather than TORCH_LIBRARY: when the process already has the ham namespace
+// (Python's ham_export.ops), the macro's static initializer would throw inside dlopen and abort the process. Here
+// the library then registers nothing and says so; the ops already there keep running.
+struct Registration {
+  std::unique_ptr<torch::Library> def;
+  std::unique_ptr<torch::Library> cpu;
+
+  Registration() {
+    if (c10::Dispatcher::singleton().findSchema({"ham::cache_attention", ""}).has_value()) {
+      TORCH_WARN("libham_torch_ops: the ham ops are already registered in this process (by ham_export.ops?); "
+                 "this library registers nothing");
+      return;
+    }
+    // The schemas of OpSpec.torch_schema() (ham_export/opspec.py), argument for argument.
+    def = std::make_unique<torch::Library>(torch::Library::DEF, "ham", std::nullopt, __FILE__, __LINE__);
+    def->def(
+        "cache_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor length, Tensor k, Tensor v, Tensor routed, "
+        "Tensor scale) -> Tensor");
+    def->def(
+        "cache_append(Tensor k_cache, Tensor v_cache, Tensor score_cache, Tensor length, Tensor k, Tensor v, "
+        "Tensor score, Tensor routed, str policy) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+    def->def(
+        "gdn_prefill(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor state) -> (Tensor, Tensor, Tensor)");
+    cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "ham", c10::DispatchKey::CPU, __FILE__, __LINE__);
+    cpu->impl("cache_attention", &ham::CacheAttention);
+    cpu->impl("cache_append", &ham::CacheAppend);
+    cpu->impl("gdn_prefill", &ham::GdnPrefill);
+  }
+};
+
+const Registration registration;
+
+}  // namespace
