@@ -247,8 +247,9 @@ struct Registration {
 
   Registration() {
     if (c10::Dispatcher::singleton().findSchema({"ham::cache_attention", ""}).has_value()) {
-      TORCH_WARN("libham_torch_ops: the ham ops are already registered in this process (by ham_export.ops?); "
-                 "this library registers nothing");
+      TORCH_WARN(
+          "libham_torch_ops: the ham ops are already registered in this process (by ham_export.ops?); "
+          "this library registers nothing");
       return;
     }
     // The schemas of OpSpec.torch_schema() (ham_export/opspec.py), argument for argument.
