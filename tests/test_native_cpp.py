@@ -4,38 +4,24 @@ decodes greedily; its tokens must equal greedy decoding with eager PyTorch."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ham_export import checkpoint
 from ham_export.export import export_native
-from ham_export.generate import greedy
-from ham_export.runners import EagerRunner
 
-ROOT = Path(__file__).parents[1]
+from .cpp_support import BUNDLED, CAPACITY, PROMPT_IDS, PROMPTS, ROOT, assert_tokens_match_eager, cmake_build, run
+
 SOURCE = ROOT / "examples" / "cpp" / "aoti"
-BUNDLED = ROOT / "examples" / "models" / "tiny-ham.pt"
-CAPACITY = 64
-STEPS = 40
-# (prompt, whether it fills the cache): the long one routes up to 98 tokens a layer, so drop applies.
-PROMPTS = [("Hello world", False), ("the cat sat on the mat. " * 6 + "café ∑", True)]
 
 
 @pytest.fixture(scope="module")
 def program(tmp_path_factory) -> Path:
-    if shutil.which("cmake") is None:
-        pytest.fail("cmake is needed to build examples/cpp/aoti (apt-get install cmake)")
     build = tmp_path_factory.mktemp("aoti-build")
-    for command in (["cmake", "-S", str(SOURCE), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}"],
-                    ["cmake", "--build", str(build), "-j2"]):
-        result = subprocess.run(command, capture_output=True, text=True)
-        assert result.returncode == 0, result.stdout + result.stderr
+    cmake_build(SOURCE, build)
     assert (build / "libham_torch_ops.so").is_file()  # next to the program, where it looks first
     return build / "aoti_greedy"
 
@@ -50,11 +36,6 @@ def package(tmp_path_factory, bundled) -> Path:
     return export_native(bundled, tmp_path_factory.mktemp("native") / "model.pt2", CAPACITY, "drop")
 
 
-def run(program: Path, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
-
-
 def assert_usage_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert result.stderr.startswith("aoti_greedy: ") and result.stderr.count("\n") == 1, result.stderr
@@ -62,18 +43,9 @@ def assert_usage_error(result: subprocess.CompletedProcess, *needles: str) -> No
         assert needle in result.stderr
 
 
-@pytest.mark.parametrize(("prompt", "overflows"), PROMPTS, ids=["short", "long-utf8-overflow"])
+@pytest.mark.parametrize(("prompt", "overflows"), PROMPTS, ids=PROMPT_IDS)
 def test_cpp_tokens_match_eager(program, package, bundled, prompt, overflows):
-    result = run(program, package, prompt, STEPS)
-    assert result.returncode == 0, result.stderr
-    tokens = [int(t) for t in result.stdout.split()]
-
-    eager = EagerRunner(bundled, CAPACITY, "drop")
-    ids = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.int64)
-    expected, outputs = greedy(eager, ids, STEPS, torch.tensor(bundled.cfg.thresholds))
-    assert len(tokens) == STEPS
-    assert tokens == expected[0].tolist()
-    assert any(int(o.overflow.sum()) > 0 for o in outputs) == overflows
+    assert_tokens_match_eager(program, package, bundled, prompt, overflows)
 
 
 def test_cpp_package_folder_and_zero_steps(program, package):

@@ -23,24 +23,19 @@
 #include <unistd.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <iostream>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "greedy_common.h"
 
 namespace {
 
 constexpr const char* kOpLibrary = "libham_torch_ops.so";
 constexpr const char* kOps[] = {"ham::cache_attention", "ham::cache_append", "ham::gdn_prefill"};
 
-// The argument error type: reported with exit code 2.
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+using greedy::UsageError;
 
 bool IsFile(const std::string& path) {
   struct stat info;
@@ -50,14 +45,6 @@ bool IsFile(const std::string& path) {
 bool IsDir(const std::string& path) {
   struct stat info;
   return stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode);
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw UsageError("cannot read " + path);
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
 }
 
 // The folder of a path ("." when it has none).
@@ -86,36 +73,12 @@ std::string ManifestString(const std::string& text, const std::string& key) {
   return close == std::string::npos ? "" : text.substr(open + 1, close - open - 1);
 }
 
-// The numbers of the first "thresholds": [...] array in the manifest (a flat list of floats).
-std::vector<float> ManifestThresholds(const std::string& manifest_path, const std::string& text) {
-  size_t key = text.find("\"thresholds\"");
-  if (key == std::string::npos) throw UsageError(manifest_path + " has no \"thresholds\"");
-  size_t open = text.find('[', key);
-  size_t close = text.find(']', open);
-  if (open == std::string::npos || close == std::string::npos) {
-    throw UsageError(manifest_path + ": \"thresholds\" is not an array");
-  }
-  std::vector<float> values;
-  std::string body = text.substr(open + 1, close - open - 1);
-  std::stringstream items(body);
-  std::string item;
-  while (std::getline(items, item, ',')) {
-    if (item.find_first_not_of(" \t\r\n") == std::string::npos) continue;
-    char* end = nullptr;
-    double v = std::strtod(item.c_str(), &end);
-    if (end == item.c_str()) throw UsageError(manifest_path + ": bad threshold '" + item + "'");
-    values.push_back(static_cast<float>(v));
-  }
-  if (values.empty()) throw UsageError(manifest_path + ": empty \"thresholds\"");
-  return values;
-}
-
 // Checks that the manifest describes a CPU AOTInductor package and returns its thresholds.
 std::vector<float> ReadManifest(const std::string& manifest_path) {
   if (!IsFile(manifest_path)) {
     throw UsageError("no manifest at " + manifest_path + " (ham_export.json belongs beside the package)");
   }
-  std::string text = ReadFile(manifest_path);
+  std::string text = greedy::ReadFile(manifest_path);
   std::string backend = ManifestString(text, "backend");
   if (backend != "aotinductor") {
     throw UsageError(manifest_path + " describes a '" + backend + "' artifact, not an AOTInductor package");
@@ -124,7 +87,7 @@ std::vector<float> ReadManifest(const std::string& manifest_path) {
   if (!device.empty() && device != "cpu") {
     throw UsageError(manifest_path + ": the package was compiled for '" + device + "'; this program runs CPU ones");
   }
-  return ManifestThresholds(manifest_path, text);
+  return greedy::ManifestThresholds(manifest_path, text);
 }
 
 // dlopens the op library and checks that it registered the ham ops with the dispatcher.
@@ -152,15 +115,6 @@ at::Tensor HostTensor(std::vector<int64_t> shape, at::ScalarType dtype, const vo
   return t;
 }
 
-// The index of the largest of n floats (the first on ties, as torch.argmax on the CPU).
-int64_t ArgMax(const float* row, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i) {
-    if (row[i] > row[best]) best = i;
-  }
-  return best;
-}
-
 // The last position's logits of a [1, T, V] or [1, V] float32 tensor -> its argmax.
 int64_t LastArgMax(const at::Tensor& logits_in) {
   if (!logits_in.device().is_cpu() || logits_in.scalar_type() != at::kFloat || logits_in.dim() < 2) {
@@ -169,7 +123,7 @@ int64_t LastArgMax(const at::Tensor& logits_in) {
   at::Tensor logits = logits_in.contiguous();
   int64_t vocab = logits.size(-1);
   int64_t rows = logits.numel() / vocab;
-  return ArgMax(logits.const_data_ptr<float>() + (rows - 1) * vocab, vocab);
+  return greedy::ArgMax(logits.const_data_ptr<float>() + (rows - 1) * vocab, vocab);
 }
 
 int Run(int argc, char** argv) {
@@ -180,11 +134,8 @@ int Run(int argc, char** argv) {
     args.erase(args.begin(), args.begin() + 2);
   }
   if (args.size() != 3) throw UsageError("usage: aoti_greedy [--ops LIB] PACKAGE PROMPT STEPS");
-  std::string package = args[0], prompt = args[1];
-  char* end = nullptr;
-  long steps = std::strtol(args[2].c_str(), &end, 10);
-  if (args[2].empty() || *end != '\0' || steps < 0) throw UsageError("STEPS must be a whole number >= 0");
-  if (prompt.empty()) throw UsageError("PROMPT must not be empty");
+  std::string package = args[0];
+  greedy::Request request = greedy::ParseRequest(args[1], args[2]);
   if (IsDir(package)) package += "/model.pt2";
   if (!IsFile(package)) throw UsageError("no package at " + package);
 
@@ -194,8 +145,7 @@ int Run(int argc, char** argv) {
   torch::inductor::AOTIModelPackageLoader prefill(package, "prefill");
   torch::inductor::AOTIModelPackageLoader decode(package, "decode");
 
-  std::vector<int64_t> ids;
-  for (unsigned char c : prompt) ids.push_back(c);  // byte-level vocabulary: token id = UTF-8 byte
+  std::vector<int64_t> ids = greedy::ByteTokens(request.prompt);
   at::Tensor tokens = HostTensor({1, static_cast<int64_t>(ids.size())}, at::kLong, ids.data());
   at::Tensor thr = HostTensor({static_cast<int64_t>(thresholds.size())}, at::kFloat, thresholds.data());
 
@@ -203,38 +153,25 @@ int Run(int argc, char** argv) {
   constexpr size_t kHead = 4;
   std::vector<at::Tensor> outputs = prefill.run({tokens, thr});
   if (outputs.size() <= kHead) throw std::runtime_error("prefill returned too few outputs");
-  int64_t token = LastArgMax(outputs[0]);
 
-  std::vector<int64_t> picked;
-  for (long step = 0; step < steps; ++step) {
-    picked.push_back(token);
-    if (step + 1 == steps) break;
+  greedy::PrintTokens(greedy::Pick(request.steps, LastArgMax(outputs[0]), [&](int64_t token) {
     // decode(token, thresholds, *state): the compiled code reads its inputs with the contiguous strides it was
     // compiled for, without checking them, so every input is made contiguous.
     std::vector<at::Tensor> inputs{HostTensor({1}, at::kLong, &token), thr};
     for (size_t i = kHead; i < outputs.size(); ++i) inputs.push_back(outputs[i].contiguous());
     outputs = decode.run(inputs);
     if (outputs.size() <= kHead) throw std::runtime_error("decode returned too few outputs");
-    token = LastArgMax(outputs[0]);
-  }
-  for (size_t i = 0; i < picked.size(); ++i) std::cout << (i ? " " : "") << picked[i];
-  std::cout << "\n";
+    return LastArgMax(outputs[0]);
+  }));
   return 0;
+}
+
+// An error's message; a libtorch one's without its C++ backtrace.
+const char* Message(const std::exception& e) {
+  const auto* error = dynamic_cast<const c10::Error*>(&e);
+  return error ? error->what_without_backtrace() : e.what();
 }
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return Run(argc, argv);
-  } catch (const UsageError& e) {
-    std::cerr << "aoti_greedy: " << e.what() << "\n";
-    return 2;
-  } catch (const c10::Error& e) {
-    std::cerr << "aoti_greedy: " << e.what_without_backtrace() << "\n";  // no C++ backtrace
-    return 1;
-  } catch (const std::exception& e) {
-    std::cerr << "aoti_greedy: " << e.what() << "\n";
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return greedy::Main("aoti_greedy", Run, argc, argv, Message); }

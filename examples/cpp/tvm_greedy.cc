@@ -20,21 +20,17 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <iostream>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "greedy_common.h"
 
 namespace ffi = tvm::ffi;
 
 namespace {
 
-// The argument error type: reported with exit code 2.
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+using greedy::UsageError;
 
 // Host memory for tensors made here (64-byte aligned, as TVM's kernels prefer).
 struct HostAlloc {
@@ -57,39 +53,6 @@ ffi::Tensor HostTensor(std::vector<int64_t> shape, DLDataType dtype, const void*
   return t;
 }
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw UsageError("cannot read " + path);
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-// The numbers of the first "thresholds": [...] array in the manifest (a flat list of floats; no JSON library).
-std::vector<float> ManifestThresholds(const std::string& manifest_path) {
-  std::string text = ReadFile(manifest_path);
-  size_t key = text.find("\"thresholds\"");
-  if (key == std::string::npos) throw UsageError(manifest_path + " has no \"thresholds\"");
-  size_t open = text.find('[', key);
-  size_t close = text.find(']', open);
-  if (open == std::string::npos || close == std::string::npos) {
-    throw UsageError(manifest_path + ": \"thresholds\" is not an array");
-  }
-  std::vector<float> values;
-  std::string body = text.substr(open + 1, close - open - 1);
-  std::stringstream items(body);
-  std::string item;
-  while (std::getline(items, item, ',')) {
-    if (item.find_first_not_of(" \t\r\n") == std::string::npos) continue;
-    char* end = nullptr;
-    double v = std::strtod(item.c_str(), &end);
-    if (end == item.c_str()) throw UsageError(manifest_path + ": bad threshold '" + item + "'");
-    values.push_back(static_cast<float>(v));
-  }
-  if (values.empty()) throw UsageError(manifest_path + ": empty \"thresholds\"");
-  return values;
-}
-
 // A Relax VM for one compiled library (the VM module, which owns the executable, and its "main").
 struct Program {
   ffi::Module vm;
@@ -110,15 +73,6 @@ Program Load(const std::string& path) {
   return Program{vm, *main};
 }
 
-// The index of the largest of n floats (the first on ties, as torch.argmax on the CPU).
-int64_t ArgMax(const float* row, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i) {
-    if (row[i] > row[best]) best = i;
-  }
-  return best;
-}
-
 // The last position's logits of a [1, T, V] or [1, V] float32 tensor -> its argmax.
 int64_t LastArgMax(const ffi::Tensor& logits) {
   const DLTensor* t = logits.GetDLTensorPtr();
@@ -128,25 +82,22 @@ int64_t LastArgMax(const ffi::Tensor& logits) {
   int64_t vocab = t->shape[t->ndim - 1];
   int64_t rows = logits.numel() / vocab;
   const float* data = static_cast<const float*>(logits.data_ptr());
-  return ArgMax(data + (rows - 1) * vocab, vocab);
+  return greedy::ArgMax(data + (rows - 1) * vocab, vocab);
 }
 
 int Run(int argc, char** argv) {
   if (argc != 4) throw UsageError("usage: tvm_greedy DIR PROMPT STEPS");
-  std::string dir = argv[1], prompt = argv[2];
-  char* end = nullptr;
-  long steps = std::strtol(argv[3], &end, 10);
-  if (*argv[3] == '\0' || *end != '\0' || steps < 0) throw UsageError("STEPS must be a whole number >= 0");
-  if (prompt.empty()) throw UsageError("PROMPT must not be empty");
+  std::string dir = argv[1];
+  greedy::Request request = greedy::ParseRequest(argv[2], argv[3]);
 
-  std::vector<float> thresholds = ManifestThresholds(dir + "/ham_export.json");
+  std::string manifest = dir + "/ham_export.json";
+  std::vector<float> thresholds = greedy::ManifestThresholds(manifest, greedy::ReadFile(manifest));
   Program prefill_program = Load(dir + "/prefill.so");
   Program decode_program = Load(dir + "/decode.so");
   const ffi::Function& prefill = prefill_program.main;
   const ffi::Function& decode = decode_program.main;
 
-  std::vector<int64_t> ids;
-  for (unsigned char c : prompt) ids.push_back(c);  // byte-level vocabulary: token id = UTF-8 byte
+  std::vector<int64_t> ids = greedy::ByteTokens(request.prompt);
   ffi::Tensor tokens = HostTensor({1, static_cast<int64_t>(ids.size())}, kInt64, ids.data());
   ffi::Tensor thr = HostTensor({static_cast<int64_t>(thresholds.size())}, kFloat32, thresholds.data());
 
@@ -154,12 +105,8 @@ int Run(int argc, char** argv) {
   constexpr size_t kHead = 4;
   auto outputs = prefill(tokens, thr).cast<ffi::Array<ffi::Any>>();
   if (outputs.size() <= kHead) throw std::runtime_error("prefill returned too few outputs");
-  int64_t token = LastArgMax(outputs[0].cast<ffi::Tensor>());
 
-  std::vector<int64_t> picked;
-  for (long step = 0; step < steps; ++step) {
-    picked.push_back(token);
-    if (step + 1 == steps) break;
+  greedy::PrintTokens(greedy::Pick(request.steps, LastArgMax(outputs[0].cast<ffi::Tensor>()), [&](int64_t token) {
     // decode(token, thresholds, *state): the caches of the state are updated in place and returned again.
     // Array::operator[] returns by value: hold the state elements while the views point at them.
     std::vector<ffi::Any> state(outputs.begin() + kHead, outputs.end());
@@ -169,23 +116,12 @@ int Run(int argc, char** argv) {
     ffi::Any result;
     decode.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
     outputs = result.cast<ffi::Array<ffi::Any>>();
-    token = LastArgMax(outputs[0].cast<ffi::Tensor>());
-  }
-  for (size_t i = 0; i < picked.size(); ++i) std::cout << (i ? " " : "") << picked[i];
-  std::cout << "\n";
+    return LastArgMax(outputs[0].cast<ffi::Tensor>());
+  }));
   return 0;
 }
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return Run(argc, argv);
-  } catch (const UsageError& e) {
-    std::cerr << "tvm_greedy: " << e.what() << "\n";
-    return 2;
-  } catch (const std::exception& e) {  // ffi::Error derives from std::exception
-    std::cerr << "tvm_greedy: " << e.what() << "\n";
-    return 1;
-  }
-}
+// ffi::Error derives from std::exception: a TVM error is reported with exit code 1.
+int main(int argc, char** argv) { return greedy::Main("tvm_greedy", Run, argc, argv); }
