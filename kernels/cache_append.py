@@ -24,10 +24,12 @@ import triton.language as tl
 
 from ham_export.reference import POLICIES
 
+from . import _validate
+from ._validate import FLOAT_DTYPES
+
 BLOCK_T = 32  # most new tokens per block
 BLOCK_C = 256  # most cache entries per block of the eviction argmin
 NUM_WARPS = 4
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -117,42 +119,17 @@ def _cache_append_kernel(
 def _check(k_cache, v_cache, score_cache, length, k, v, score, routed, policy) -> None:
     named = dict(k_cache=k_cache, v_cache=v_cache, score_cache=score_cache, length=length, k=k, v=v, score=score,
                  routed=routed)
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _validate.tensors(named)
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    devices = {t.device for t in named.values()}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
-    expected_ndim = dict(k_cache=4, v_cache=4, score_cache=2, length=1, k=4, v=4, score=2, routed=2)
-    for name, ndim in expected_ndim.items():
-        if named[name].dim() != ndim:
-            raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(named[name].shape)}")
+    _validate.ndims(named, dict(k_cache=4, v_cache=4, score_cache=2, length=1, k=4, v=4, score=2, routed=2))
     b, h, c, kd = k_cache.shape
     t, vd = k.shape[2], v_cache.shape[3]
-    expected = dict(v_cache=(b, h, c, vd), score_cache=(b, c), length=(b,), k=(b, h, t, kd), v=(b, h, t, vd),
-                    score=(b, t), routed=(b, t))
-    for name, shape in expected.items():
-        if tuple(named[name].shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (from k_cache {tuple(k_cache.shape)}, v_cache "
-                             f"{tuple(v_cache.shape)}, k {tuple(k.shape)}), got {tuple(named[name].shape)}")
-    if k_cache.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"k_cache must be one of {FLOAT_DTYPES}, got {k_cache.dtype}")
-    for name in ("v_cache", "k", "v"):
-        if named[name].dtype != k_cache.dtype:
-            raise ValueError(f"{name} must have k_cache's dtype {k_cache.dtype}, got {named[name].dtype}")
-    if score_cache.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"score_cache must be one of {FLOAT_DTYPES}, got {score_cache.dtype}")
-    if score.dtype != score_cache.dtype:
-        raise ValueError(f"score must have score_cache's dtype {score_cache.dtype}, got {score.dtype}")
-    if length.dtype != torch.int64:
-        raise ValueError(f"length must be torch.int64, got {length.dtype}")
-    if routed.dtype != torch.bool:
-        raise ValueError(f"routed must be torch.bool, got {routed.dtype}")
-    if b == 0 or h == 0 or kd == 0 or vd == 0:
-        raise ValueError(f"empty batch, heads or head dims are not supported: k_cache {tuple(k_cache.shape)}, "
-                         f"v_cache {tuple(v_cache.shape)}")
+    _validate.shapes(named, dict(v_cache=(b, h, c, vd), score_cache=(b, c), length=(b,), k=(b, h, t, kd),
+                                 v=(b, h, t, vd), score=(b, t), routed=(b, t)), ("k_cache", "v_cache", "k"))
+    _validate.dtypes(named, dict(k_cache=FLOAT_DTYPES, v_cache="k_cache", k="k_cache", v="k_cache",
+                                 score_cache=FLOAT_DTYPES, score="score_cache", length=torch.int64, routed=torch.bool))
+    _validate.nonempty(named, "batch, heads or head dims", (b, h, kd, vd), ("k_cache", "v_cache"))
 
 
 def _launch(k_cache, v_cache, score_cache, length, k, v, score, routed_u8, overflow, evict: bool,

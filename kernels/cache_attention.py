@@ -15,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _validate
+
 BLOCK_C = 64  # cache entries per block
 MAX_SPLITS = 16  # most spans (programs) per (batch, head)
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -115,41 +116,7 @@ def _cache_attention_combine_kernel(
 
 
 def _check(q, k_cache, v_cache, length, k, v, routed, scale) -> None:
-    named = dict(q=q, k_cache=k_cache, v_cache=v_cache, length=length, k=k, v=v, routed=routed, scale=scale)
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    devices = {t.device for t in named.values()}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
-    expected_ndim = dict(q=4, k_cache=4, v_cache=4, length=1, k=4, v=4, routed=2, scale=1)
-    for name, ndim in expected_ndim.items():
-        if named[name].dim() != ndim:
-            raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(named[name].shape)}")
-    b, h, t, kd = q.shape
-    c, vd = k_cache.shape[2], v_cache.shape[3]
-    if t != 1:
-        raise ValueError(f"cache_attention_decode handles one new token (T = 1); q has shape {tuple(q.shape)}")
-    expected = dict(k_cache=(b, h, c, kd), v_cache=(b, h, c, vd), length=(b,), k=(b, h, 1, kd), v=(b, h, 1, vd),
-                    routed=(b, 1), scale=(h,))
-    for name, shape in expected.items():
-        if tuple(named[name].shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (from q {tuple(q.shape)}, k_cache "
-                             f"{tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}), got {tuple(named[name].shape)}")
-    if q.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"q must be one of {FLOAT_DTYPES}, got {q.dtype}")
-    for name in ("k_cache", "v_cache", "k", "v"):
-        if named[name].dtype != q.dtype:
-            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {named[name].dtype}")
-    if scale.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"scale must be one of {FLOAT_DTYPES}, got {scale.dtype}")
-    if length.dtype != torch.int64:
-        raise ValueError(f"length must be torch.int64, got {length.dtype}")
-    if routed.dtype != torch.bool:
-        raise ValueError(f"routed must be torch.bool, got {routed.dtype}")
-    if b == 0 or h == 0 or kd == 0 or vd == 0:
-        raise ValueError(f"empty batch, heads or head dims are not supported: q {tuple(q.shape)}, v_cache "
-                         f"{tuple(v_cache.shape)}")
+    _validate.attention_args(q, k_cache, v_cache, length, k, v, routed, scale, one_token=True)
 
 
 def _decode(q, k_cache, v_cache, length, k, v, routed, scale, block_c: int, max_splits: int) -> torch.Tensor:

@@ -26,11 +26,12 @@ import triton.language as tl
 
 from ham_export.reference import COS_EPS, POLICIES
 
+from . import _validate
 from . import cache_append as _append
 from . import cache_attention as _attention
+from ._validate import FLOAT_DTYPES
 
 NUM_WARPS = 4
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -65,32 +66,18 @@ def _score_route_kernel(
 
 
 def _check(q, k, v, vhat, k_cache, v_cache, score_cache, length, tau, scale, policy, score) -> None:
-    """What the two sibling modules' checks do not cover: vhat, tau, the given score, the policy."""
+    """What the two sibling modules' checks do not cover: vhat, tau, the given score's shape, the policy."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if score is None and not isinstance(vhat, torch.Tensor):
+        raise ValueError("vhat must be a torch.Tensor, got "
+                         f"{type(vhat).__name__} (vhat is needed when no score is given)")
     named = dict(q=q, v=v, score_cache=score_cache, tau=tau)
-    if score is None:
-        named["vhat"] = vhat
-    else:
-        named["score"] = score
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}"
-                             + (" (vhat is needed when no score is given)" if name == "vhat" else ""))
-    devices = {t.device for t in named.values()}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
-    if q.dim() != 4 or v.dim() != 4 or score_cache.dim() != 2:
-        raise ValueError(f"q and v must have 4 dimensions and score_cache 2, got q {tuple(q.shape)}, v "
-                         f"{tuple(v.shape)}, score_cache {tuple(score_cache.shape)}")
-    b = q.shape[0]
-    if score is None:
-        if tuple(vhat.shape) != tuple(v.shape):
-            raise ValueError(f"vhat must have v's shape {tuple(v.shape)}, got {tuple(vhat.shape)}")
-        if vhat.dtype != v.dtype:
-            raise ValueError(f"vhat must have v's dtype {v.dtype}, got {vhat.dtype}")
-    elif tuple(score.shape) != (b, 1):
-        raise ValueError(f"score must have shape {(b, 1)} (one token per row), got {tuple(score.shape)}")
+    named.update(dict(vhat=vhat) if score is None else dict(score=score))
+    _validate.tensors(named)
+    _validate.ndims(named, dict(q=4, v=4, score_cache=2))
+    _validate.shapes(named, dict(vhat=tuple(v.shape), score=(q.shape[0], 1)), ("q", "v"))  # the one named holds
+    _validate.dtypes(named, dict(vhat="v"))
     if tau.dim() > 1 or tau.numel() != 1:
         raise ValueError(f"tau must be a 0-dim or [1] tensor, got shape {tuple(tau.shape)}")
     if tau.dtype not in (*FLOAT_DTYPES, torch.float64):

@@ -42,6 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _validate
+from ._validate import FLOAT_DTYPES
+
 STEP_BLOCK_V = 32  # value columns per program of the decode step
 CHUNK = 32  # tokens per chunk of the prefill
 CHUNK_BLOCK_V = 32  # value columns per program of the prefill
@@ -50,7 +53,6 @@ MAX_K = 256  # widest key a program keeps in registers
 NUM_WARPS = 4
 STEP_STAGES = 1
 CHUNK_STAGES = 2
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -180,80 +182,45 @@ def _gdn_chunked_kernel(
              s.to(final_ptr.dtype.element_ty), mask=mask_s)
 
 
-def _require_tensors(named: dict) -> None:
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    devices = {t.device for t in named.values()}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
-
-
-def _require_ndim(named: dict, expected_ndim: dict) -> None:
-    for name, ndim in expected_ndim.items():
-        if named[name].dim() != ndim:
-            raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(named[name].shape)}")
-
-
-def _require_shapes(named: dict, expected: dict, source: str) -> None:
-    for name, shape in expected.items():
-        if tuple(named[name].shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} ({source}), got {tuple(named[name].shape)}")
-
-
-def _require_dtypes(named: dict, vectors: tuple[str, ...], gates: tuple[str, ...]) -> None:
-    dtype = named["q"].dtype
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"q must be one of {FLOAT_DTYPES}, got {dtype}")
-    for name in vectors:
-        if named[name].dtype != dtype:
-            raise ValueError(f"{name} must have q's dtype {dtype}, got {named[name].dtype}")
-    allowed = tuple(dict.fromkeys((dtype, torch.float32)))
+def _check_common(named: dict, gates: tuple[str, str], b: int, h: int, kd: int, vd: int) -> None:
+    """What both kernels ask: q, k, v in one float dtype, the gates and the state in it or float32; no empty
+    dimension; K at most MAX_K."""
+    _validate.dtypes(named, dict(q=FLOAT_DTYPES, k="q", v="q"))
+    allowed = tuple(dict.fromkeys((named["q"].dtype, torch.float32)))
     for name in (*gates, "state"):
         if named[name].dtype not in allowed:
             raise ValueError(f"{name} must be q's dtype or torch.float32 {allowed}, got {named[name].dtype}")
-
-
-def _require_sizes(b: int, h: int, kd: int, vd: int, shapes: str) -> None:
-    if b == 0 or h == 0 or kd == 0 or vd == 0:
-        raise ValueError(f"empty batch, heads or head dims are not supported: {shapes}")
+    _validate.nonempty(named, "batch, heads or head dims", (b, h, kd, vd), ("q", "v"))
     if kd > MAX_K:
-        raise ValueError(f"K = {kd} is wider than the {MAX_K} key columns a program keeps in registers: {shapes}")
+        raise ValueError(f"K = {kd} is wider than the {MAX_K} key columns a program keeps in registers: "
+                         f"{_validate.shapes_of(named, ('q', 'v'))}")
 
 
 def _check_step(q, k, v, alpha, beta, state, out_state) -> None:
     named = dict(q=q, k=k, v=v, alpha=alpha, beta=beta, state=state)
     if out_state is not None:
         named["out_state"] = out_state
-    _require_tensors(named)
-    _require_ndim(named, dict(q=3, k=3, v=3, alpha=2, beta=2, state=4, out_state=4) if out_state is not None
-                  else dict(q=3, k=3, v=3, alpha=2, beta=2, state=4))
+    _validate.tensors(named)
+    _validate.ndims(named, dict(q=3, k=3, v=3, alpha=2, beta=2, state=4, out_state=4))
     b, h, kd = q.shape
     vd = v.shape[2]
-    source = f"from q {tuple(q.shape)} and v {tuple(v.shape)}"
-    expected = dict(k=(b, h, kd), v=(b, h, vd), alpha=(b, h), beta=(b, h), state=(b, h, kd, vd))
-    if out_state is not None:
-        expected["out_state"] = (b, h, kd, vd)
-    _require_shapes(named, expected, source)
-    _require_dtypes(named, vectors=("k", "v"), gates=("alpha", "beta"))
-    if out_state is not None and out_state.dtype != state.dtype:
-        raise ValueError(f"out_state must have state's dtype {state.dtype}, got {out_state.dtype}")
-    _require_sizes(b, h, kd, vd, f"q {tuple(q.shape)}, v {tuple(v.shape)}")
+    _validate.shapes(named, dict(k=(b, h, kd), v=(b, h, vd), alpha=(b, h), beta=(b, h), state=(b, h, kd, vd),
+                                 out_state=(b, h, kd, vd)), ("q", "v"))
+    _validate.dtypes(named, dict(out_state="state"))
+    _check_common(named, ("alpha", "beta"), b, h, kd, vd)
 
 
 def _check_chunked(q, k, v, g, beta, state) -> None:
     named = dict(q=q, k=k, v=v, g=g, beta=beta, state=state)
-    _require_tensors(named)
-    _require_ndim(named, dict(q=4, k=4, v=4, g=3, beta=3, state=4))
+    _validate.tensors(named)
+    _validate.ndims(named, dict(q=4, k=4, v=4, g=3, beta=3, state=4))
     b, t, h, kd = q.shape
     vd = v.shape[3]
-    source = f"from q {tuple(q.shape)} and v {tuple(v.shape)}"
-    _require_shapes(named, dict(k=(b, t, h, kd), v=(b, t, h, vd), g=(b, t, h), beta=(b, t, h),
-                                state=(b, h, kd, vd)), source)
-    _require_dtypes(named, vectors=("k", "v"), gates=("g", "beta"))
+    _validate.shapes(named, dict(k=(b, t, h, kd), v=(b, t, h, vd), g=(b, t, h), beta=(b, t, h),
+                                 state=(b, h, kd, vd)), ("q", "v"))
     if t == 0:
         raise ValueError(f"gdn_chunked needs at least one token (T >= 1); q has shape {tuple(q.shape)}")
-    _require_sizes(b, h, kd, vd, f"q {tuple(q.shape)}, v {tuple(v.shape)}")
+    _check_common(named, ("g", "beta"), b, h, kd, vd)
 
 
 def _block(n: int) -> int:

@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from . import _validate
+
 COMPACT_BLOCK = 1024  # tokens per block of the compaction's prefix sum
 BLOCK_T = 64  # queries per program
 BLOCK_C = 32  # cache entries per block
@@ -43,7 +45,6 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 DOT_PRECISION = "tf32x3"  # fp32 operands: three TF32 tensor-core products, close to fp32 (see above)
 MIN_DOT = 16  # the smallest tl.dot dimension the compiler accepts
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -171,12 +172,10 @@ _INTERPRETED = isinstance(_prefill_attention_kernel, InterpretedFunction)
 
 
 def _check_routed(routed) -> None:
-    if not isinstance(routed, torch.Tensor):
-        raise ValueError(f"routed must be a torch.Tensor, got {type(routed).__name__}")
-    if routed.dim() != 2:
-        raise ValueError(f"routed must have 2 dimensions [B, T], got shape {tuple(routed.shape)}")
-    if routed.dtype != torch.bool:
-        raise ValueError(f"routed must be torch.bool, got {routed.dtype}")
+    named = dict(routed=routed)
+    _validate.tensors(named)
+    _validate.ndims(named, dict(routed=2))
+    _validate.dtypes(named, dict(routed=torch.bool))
 
 
 def _compact(routed: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,39 +211,7 @@ def compact_routed(routed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check(q, k_cache, v_cache, length, k, v, routed, scale) -> None:
-    named = dict(q=q, k_cache=k_cache, v_cache=v_cache, length=length, k=k, v=v, routed=routed, scale=scale)
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    devices = {t.device for t in named.values()}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
-    expected_ndim = dict(q=4, k_cache=4, v_cache=4, length=1, k=4, v=4, routed=2, scale=1)
-    for name, ndim in expected_ndim.items():
-        if named[name].dim() != ndim:
-            raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(named[name].shape)}")
-    b, h, t, kd = q.shape
-    c, vd = k_cache.shape[2], v_cache.shape[3]
-    expected = dict(k_cache=(b, h, c, kd), v_cache=(b, h, c, vd), length=(b,), k=(b, h, t, kd), v=(b, h, t, vd),
-                    routed=(b, t), scale=(h,))
-    for name, shape in expected.items():
-        if tuple(named[name].shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (from q {tuple(q.shape)}, k_cache "
-                             f"{tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}), got {tuple(named[name].shape)}")
-    if q.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"q must be one of {FLOAT_DTYPES}, got {q.dtype}")
-    for name in ("k_cache", "v_cache", "k", "v"):
-        if named[name].dtype != q.dtype:
-            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {named[name].dtype}")
-    if scale.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"scale must be one of {FLOAT_DTYPES}, got {scale.dtype}")
-    if length.dtype != torch.int64:
-        raise ValueError(f"length must be torch.int64, got {length.dtype}")
-    if routed.dtype != torch.bool:
-        raise ValueError(f"routed must be torch.bool, got {routed.dtype}")
-    if b == 0 or h == 0 or t == 0 or kd == 0 or vd == 0:
-        raise ValueError(f"empty batch, heads, tokens or head dims are not supported: q {tuple(q.shape)}, v_cache "
-                         f"{tuple(v_cache.shape)}")
+    _validate.attention_args(q, k_cache, v_cache, length, k, v, routed, scale, one_token=False)
 
 
 def _prefill(q, k_cache, v_cache, length, k, v, routed, scale, block_t: int, block_c: int, block_s: int,
