@@ -165,16 +165,14 @@ class HAMLayer(nn.Module):
         """Prompt form: x [B, T, d] continuing from ``state`` -> y [B, T, d], new state, route info."""
         if kernels is None:
             return self._with_state(x, state, tau, ops.gdn_prefill, policy)
-        return self._with_state(x, state, tau, kernels.gdn(False), policy, kernels.cache_side(self, False))
+        return self._with_state(x, state, tau, kernels.gdn(decode=False), policy, kernels.cache_side(self, False))
 
     def step(self, x: torch.Tensor, state: LayerState, tau: torch.Tensor, policy: str = "error",
              kernels: LayerKernels | None = None) -> tuple[torch.Tensor, LayerState, RouteInfo]:
         """Decode form: x [B, d], one token per sequence -> y [B, d], new state, route info ([B, 1])."""
-        if kernels is None:
-            y, new_state, info = self._with_state(x[:, None], state, tau, ref.gdn_recurrent, policy)
-        else:
-            y, new_state, info = self._with_state(x[:, None], state, tau, kernels.gdn(True), policy,
-                                                  kernels.cache_side(self, True))
+        gdn, cache_side = (ref.gdn_recurrent, None) if kernels is None else (kernels.gdn(decode=True),
+                                                                             kernels.cache_side(self, True))
+        y, new_state, info = self._with_state(x[:, None], state, tau, gdn, policy, cache_side)
         return y[:, 0], new_state, info
 
     def _with_state(self, x, state: LayerState, tau, gdn, policy, cache_side=None

@@ -14,6 +14,7 @@ Importing this module registers the ops once.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -86,6 +87,20 @@ def force_reference() -> bool:
     return os.environ.get(FORCE_REFERENCE, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+@functools.cache
+def _load_kernel(op: str, target: str) -> Callable:
+    """The function named by ``"module:function"``, imported once (this runs on every CUDA call of an op)."""
+    module_name, fn_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise KernelUnavailableError(
+            f"ham::{op} on CUDA runs the Triton kernel {target}, which cannot be imported ({exc}); install "
+            f"triton (pip install 'ham-export[triton]') or set {FORCE_REFERENCE}=1 for the plain-PyTorch "
+            f"reference") from None
+    return getattr(module, fn_name)
+
+
 def select_cuda_kernel(op: str, *args) -> Callable:
     """The function that runs ``ham::<op>`` for these CUDA arguments: its Triton kernel, or the reference when
     ``HAM_FORCE_REFERENCE`` is set. Logs the choice the first time it is made for each (op, function)."""
@@ -93,15 +108,7 @@ def select_cuda_kernel(op: str, *args) -> Callable:
         choice, fn = f"reference ({FORCE_REFERENCE} is set)", _REFERENCES[op]
     else:
         target = next(target for applies, target in TRITON_KERNELS[op] if applies(*args))
-        module_name, fn_name = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise KernelUnavailableError(
-                f"ham::{op} on CUDA runs the Triton kernel {target}, which cannot be imported ({exc}); install "
-                f"triton (pip install 'ham-export[triton]') or set {FORCE_REFERENCE}=1 for the plain-PyTorch "
-                f"reference") from None
-        choice, fn = f"Triton {target}", getattr(module, fn_name)
+        choice, fn = f"Triton {target}", _load_kernel(op, target)
     if (op, choice) not in _logged:
         _logged.add((op, choice))
         log.info("ham::%s on CUDA: %s", op, choice)

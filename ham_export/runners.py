@@ -33,6 +33,9 @@ class Output:
     routed: torch.Tensor
     overflow: torch.Tensor
 
+    def cpu(self) -> Output:
+        return Output(self.logits.cpu(), self.scores.cpu(), self.routed.cpu(), self.overflow.cpu())
+
 
 class Runner(ABC):
     name: str
@@ -143,8 +146,7 @@ class TritonRunner(Runner):
     def _run(self, tokens, thresholds, state, decode: bool):
         logits, state, routes = self.model.run_with_state(tokens.to(self.device), state, thresholds.to(self.device),
                                                           self.policy, decode, self.kernels)
-        out = EagerRunner._output(logits, routes)
-        return Output(*(x.cpu() for x in (out.logits, out.scores, out.routed, out.overflow))), state
+        return EagerRunner._output(logits, routes).cpu(), state
 
     def _prefill(self, tokens, thresholds):
         weight = self.model.embed.weight
@@ -215,8 +217,7 @@ class AotiRunner(Runner):
         with torch.no_grad():
             outputs = self.fns[name](*args)
         head, state = _split(outputs)
-        cpu = Output(*(x.cpu() for x in (head.logits, head.scores, head.routed, head.overflow)))
-        return cpu, state
+        return head.cpu(), state
 
     def _prefill(self, tokens, thresholds):
         return self._call("prefill", tokens, thresholds)

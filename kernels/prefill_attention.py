@@ -74,6 +74,18 @@ def _compact_routed_kernel(
 
 
 @triton.jit
+def _online_softmax(m, l_sum, acc, logits, vt, DOT_PRECISION: tl.constexpr):
+    """One block of keys into the running max ``m``, weight sum ``l_sum`` and weighted values ``acc`` of each query
+    (logits [BLOCK_T, n] with -inf where a key is not seen; vt [n, BLOCK_V])."""
+    m_new = tl.maximum(m, tl.max(logits, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(logits - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=DOT_PRECISION)
+    return m_new, l_sum * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
 def _prefill_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, length_ptr, k_ptr, v_ptr, index_ptr, count_ptr, scale_ptr, out_ptr,
     H, T, C, K, V,
@@ -121,15 +133,9 @@ def _prefill_attention_kernel(
             kt = kt.to(tl.float32)
         logits = scale * tl.dot(q, kt, input_precision=DOT_PRECISION)
         logits = tl.where(valid[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(logits - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
         vt = tl.load(vc_base + offs_c[:, None] * svc_c + offs_v[None, :] * svc_v,
                      mask=valid[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=DOT_PRECISION)
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        m = m_new
+        m, l_sum, acc = _online_softmax(m, l_sum, acc, logits, vt, DOT_PRECISION)
 
     # (b) the routed new tokens at sorted positions index[0, count): query t sees those at positions <= t.
     count = tl.load(count_ptr + b).to(tl.int32)
@@ -148,15 +154,9 @@ def _prefill_attention_kernel(
             kt = kt.to(tl.float32)
         logits = scale * tl.dot(q, kt, input_precision=DOT_PRECISION)
         logits = tl.where(valid[None, :] & (pos[None, :] <= offs_t[:, None]), logits, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(logits - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
         vt = tl.load(v_base + pos[:, None] * sv_t + offs_v[None, :] * sv_v,
                      mask=valid[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=DOT_PRECISION)
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        m = m_new
+        m, l_sum, acc = _online_softmax(m, l_sum, acc, logits, vt, DOT_PRECISION)
         start += BLOCK_S
         first = tl.load(i_base + start * si_t, mask=start < count, other=T).to(tl.int32)
 

@@ -14,25 +14,8 @@ headers=$root/build/ort-headers
 include=$headers/usr/include/onnxruntime
 build=$root/build/ort
 
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-
-run_quiet() {  # run a command; on failure show its output and stop
-    if ! "$@" >"$log" 2>&1; then
-        cat "$log" >&2
-        echo "build-ort-ops: failed: $*" >&2
-        exit 1
-    fi
-}
-
-if ! command -v cmake >/dev/null || ! command -v c++ >/dev/null; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "build-ort-ops: cmake and a C++ compiler are needed; install them (apt-get install cmake g++)" >&2
-        exit 1
-    fi
-    run_quiet apt-get update
-    DEBIAN_FRONTEND=noninteractive run_quiet apt-get install -y --no-install-recommends cmake g++ make
-fi
+name=build-ort-ops
+source scripts/build-common.sh
 
 if [ ! -f "$include/onnxruntime_lite_custom_op.h" ]; then
     for tool in apt-get dpkg-deb; do

@@ -10,25 +10,8 @@ root=$PWD
 python=${HAM_PYTHON:-$root/.venv/bin/python}
 build=$root/build/libtorch
 
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-
-run_quiet() {  # run a command; on failure show its output and stop
-    if ! "$@" >"$log" 2>&1; then
-        cat "$log" >&2
-        echo "build-torch-ops: failed: $*" >&2
-        exit 1
-    fi
-}
-
-if ! command -v cmake >/dev/null || ! command -v c++ >/dev/null; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "build-torch-ops: cmake and a C++ compiler are needed; install them (apt-get install cmake g++)" >&2
-        exit 1
-    fi
-    run_quiet apt-get update
-    DEBIAN_FRONTEND=noninteractive run_quiet apt-get install -y --no-install-recommends cmake g++ make
-fi
+name=build-torch-ops
+source scripts/build-common.sh
 [ -x "$python" ] || { echo "build-torch-ops: no Python at $python; run bash scripts/setup-venv.sh" >&2; exit 1; }
 
 if [ ! -f "$build/CMakeCache.txt" ] || [ "$#" -gt 0 ]; then
