@@ -17,10 +17,11 @@ from pathlib import Path
 import click
 import torch
 
-from ham_export import checkpoint
-from ham_export.export import export_onnx
-from ham_export.reference import l2_normalize
-from ham_export.runners import EagerRunner, OrtRunner, Runner, load_runner
+from ham_export.backends import Runner, load_runner, registry
+from ham_export.backends.eager import EagerRunner
+from ham_export.backends.onnxruntime import OrtRunner
+from ham_export.core import checkpoint
+from ham_export.ops.reference import l2_normalize
 
 
 def filled_state(runner: Runner, model, length: int, seed: int = 0) -> list[torch.Tensor]:
@@ -65,12 +66,13 @@ def main(model_path: str, lengths: str, iters: int, threads: int) -> None:
     sizes = [int(x) for x in lengths.split(",")]
     capacity = max(sizes) + iters + 8
     rows = []
+    onnx = registry()["onnxruntime"]
     with tempfile.TemporaryDirectory() as tmp:
-        folders = {ops: export_onnx(model, Path(tmp) / ops, capacity, "drop", ops) for ops in ("custom", "standard")}
+        folders = {ops: onnx.build(model, Path(tmp) / ops, capacity, "drop", ops=ops) for ops in ("custom", "standard")}
         eager = EagerRunner(model, capacity, "drop")
-        custom = load_runner(folders["custom"])
-        custom_copy = load_runner(folders["custom"], share_buffers=False)
-        standard = load_runner(folders["standard"])
+        custom = load_runner(folders["custom"]).open()
+        custom_copy = OrtRunner(custom.manifest, share_buffers=False).open()
+        standard = load_runner(folders["standard"]).open()
         assert isinstance(custom, OrtRunner) and custom.share_buffers
         for length in sizes:
             times = {name: time_steps(runner, filled_state(runner, model, length), iters)

@@ -18,11 +18,10 @@ import click
 import torch
 from bench_decode import filled_state, time_steps
 
-from ham_export import checkpoint
-from ham_export.export import export_onnx
-from ham_export.ort_ops import library_path
-from ham_export.runners import EagerRunner, load_runner
-from ham_export.tvm_backend import export_tvm
+from ham_export.backends import load_runner, registry
+from ham_export.backends.eager import EagerRunner
+from ham_export.core import checkpoint
+from ham_export.ops.libraries import ORT
 
 
 @click.command()
@@ -36,19 +35,21 @@ def main(model_path: str, lengths: str, iters: int, threads: int) -> None:
     model = checkpoint.load(model_path).model
     sizes = [int(x) for x in lengths.split(",")]
     capacity = max(sizes) + iters + 8
-    with_ort = library_path().is_file()
+    with_ort = ORT.path().is_file()
+    backends = registry()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runners = {"eager": EagerRunner(model, capacity, "drop"),
-                   "tvm": load_runner(export_tvm(model, Path(tmp) / "tvm", capacity, "drop", "llvm"))}
+                   "tvm": load_runner(backends["tvm"].build(model, Path(tmp) / "tvm", capacity, "drop")).open()}
         if with_ort:
-            runners["ort"] = load_runner(export_onnx(model, Path(tmp) / "onnx", capacity, "drop", "custom"))
+            onnx = backends["onnxruntime"].build(model, Path(tmp) / "onnx", capacity, "drop", ops="custom")
+            runners["ort"] = load_runner(onnx).open()
         for length in sizes:
             rows.append((length, {name: time_steps(runner, filled_state(runner, model, length), iters)
                                   for name, runner in runners.items()}))
     print(f"decode step, batch 1, tau = -1, {threads} torch threads, median of {iters} (ms)")
     if not with_ort:
-        print(f"(ONNX Runtime left out: the op library {library_path()} is not built; bash scripts/build-ort-ops.sh)")
+        print(f"(ONNX Runtime left out: the op library {ORT.path()} is not built; {ORT.build})")
     print("| cache length | eager | ORT custom, in place | TVM llvm, in place | TVM / eager | TVM / ORT |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for length, t in rows:

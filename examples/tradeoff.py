@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 import torch
 
-from ham_export import checkpoint
-from ham_export.data import pydoc_corpus
-from ham_export.evaluate import evaluate
+from ham_export.core import checkpoint
+from ham_export.core.data import pydoc_corpus
+from ham_export.train.evaluate import evaluate
 
 DEFAULT_THRESHOLDS = (-1.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 3.0)
 

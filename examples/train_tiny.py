@@ -17,9 +17,9 @@ import click
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ham_export.config import HAMConfig
-from ham_export.data import pydoc_corpus
-from ham_export.train import TrainConfig, json_line, train, write_run
+from ham_export.core.config import HAMConfig
+from ham_export.core.data import pydoc_corpus
+from ham_export.train.train import TrainConfig, json_line, train, write_run
 
 STORE_TAU = {"all": -1.0, "none": 3.0}
 

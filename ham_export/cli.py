@@ -1,7 +1,10 @@
 """The ``ham-export`` command line. Commands only parse options, call the library and print.
 
+One export command per registered backend (:mod:`ham_export.backends`), made from its entry: ``onnx``, ``torch``,
+``native``, ``tvm``, ``triton``; then ``inspect``, ``eval``, ``check`` and ``memory``.
+
 Exit codes: 0 success; 1 a check or budget that failed; 2 bad usage or input (a missing or broken file, a bad
-option value). A user's mistake prints one line on stderr, never a traceback.
+option value). A user's mistake prints one line on stderr (plain text, never a traceback).
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a HamError into its message on stderr and its exit code."""
+    """Turn a HamError into its message on stderr (one plain line) and its exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except HamError as exc:
-            err.print(f"[bold red]error:[/] {exc}")
+            click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
 
     return wrapper
@@ -61,8 +64,8 @@ def main() -> None:
 @_user_errors
 def inspect(model: str, as_json: bool) -> None:
     """Show a model's config, size, router, thresholds and state bytes per dtype."""
-    from . import checkpoint
-    from .memory import byte_table
+    from .core import checkpoint
+    from .memory.sizes import byte_table
 
     ckpt = checkpoint.load(model)
     cfg = ckpt.config
@@ -109,9 +112,9 @@ def eval_(model: str, data: str | None, thresholds: tuple[float, ...], window: i
     """Held-out bits per byte and cached fraction per layer at each threshold."""
     from rich.progress import Progress
 
-    from . import checkpoint
-    from .data import pydoc_corpus, read_text_file
-    from .evaluate import evaluate
+    from .core import checkpoint
+    from .core.data import pydoc_corpus, read_text_file
+    from .train.evaluate import evaluate
 
     _check_finite(thresholds)
     ckpt = checkpoint.load(model)
@@ -146,69 +149,49 @@ def eval_(model: str, data: str | None, thresholds: tuple[float, ...], window: i
     out.print(table)
 
 
-def _export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--policy", type=click.Choice(["drop", "evict"]), default="drop", show_default=True,
-                      help="What a routed token does when it finds the cache full.")(fn)
-    fn = click.option("--context", type=click.IntRange(min=1), default=1024, show_default=True,
-                      help="The longest sequence (prompt + generated) the engine is built for.")(fn)
-    fn = click.option("--max-cache", type=click.IntRange(min=1), default=None,
-                      help="Cache capacity per layer (default: --context, so that no policy ever applies).")(fn)
-    return fn
+def _export_command(backend) -> click.Command:
+    """The CLI command that builds one backend's artifact, from its registry entry."""
+    is_file = backend.output == "file"
+
+    def command(model: str, out: str, max_cache: int | None, context: int, policy: str, **options: Any) -> None:
+        from .core import checkpoint
+
+        ckpt = checkpoint.load(model)
+        capacity = max_cache or context
+        path = backend.build(ckpt.model, out, capacity=capacity, policy=policy, source=ckpt.path, **options)
+        chosen = "".join(f", {o.flag.lstrip('-')} {options[o.name]}" for o in backend.options)
+        click.echo(f"wrote {path} ({backend.name} artifact{chosen}, capacity {capacity}, policy {policy}); "
+                   f"check it with: ham-export check {model} {path}", err=True)
+
+    command.__doc__ = f"Build {backend.summary}."
+    command = _user_errors(command)
+    for option in reversed(backend.options):
+        kind = click.Choice(option.choices) if option.choices else option.type
+        command = click.option(option.flag, option.name, type=kind, default=option.default, show_default=True,
+                               help=option.help)(command)
+    command = click.option("--policy", type=click.Choice(["drop", "evict"]), default="drop", show_default=True,
+                           help="What a routed token does when it finds the cache full.")(command)
+    command = click.option("--context", type=click.IntRange(min=1), default=1024, show_default=True,
+                           help="The longest sequence (prompt + generated) the engine is built for.")(command)
+    command = click.option("--max-cache", type=click.IntRange(min=1), default=None,
+                           help="Cache capacity per layer (default: --context, so that no policy ever applies)."
+                           )(command)
+    out_help = ("The package to write (a .pt2 file); the manifest ham_export.json goes beside it." if is_file
+                else "The artifact folder to write.")
+    command = click.option("-o", "--out", required=True, help=out_help,
+                           type=click.Path(file_okay=is_file, dir_okay=not is_file, path_type=str))(command)
+    command = click.argument("model", type=click.Path(path_type=str))(command)
+    return click.command(backend.command)(command)
 
 
-@main.command("torch")
-@click.argument("model", type=click.Path(path_type=str))
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=str), required=True)
-@_export_options
-@_user_errors
-def torch_(model: str, out: str, max_cache: int | None, context: int, policy: str) -> None:
-    """Export the prefill and decode programs with torch.export (prefill.pt2, decode.pt2)."""
-    from . import checkpoint
-    from .export import export_torch
+def _add_export_commands() -> None:
+    from .backends import registry
 
-    ckpt = checkpoint.load(model)
-    folder = export_torch(ckpt.model, out, max_cache or context, policy, source=ckpt.path)
-    err.print(f"wrote {folder}/prefill.pt2, decode.pt2 and ham_export.json (capacity {max_cache or context}, "
-              f"policy {policy})")
+    for backend in registry().values():
+        main.add_command(_export_command(backend))
 
 
-@main.command()
-@click.argument("model", type=click.Path(path_type=str))
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=str), required=True)
-@click.option("--ops", type=click.Choice(["custom", "standard"]), default="custom", show_default=True,
-              help="custom: ham.ai nodes run by the op library of runtimes/onnxruntime; standard: standard ONNX "
-                   "ops only, for any runtime.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@_export_options
-@_user_errors
-def onnx(model: str, out: str, ops: str, dtype: str, max_cache: int | None, context: int, policy: str) -> None:
-    """Export the prefill and decode programs to ONNX (prefill.onnx, decode.onnx, ham_export.json)."""
-    from . import checkpoint
-    from .export import export_onnx
-
-    ckpt = checkpoint.load(model)
-    folder = export_onnx(ckpt.model, out, max_cache or context, policy, ops, dtype, source=ckpt.path)
-    err.print(f"wrote {folder}/prefill.onnx, decode.onnx and ham_export.json ({ops} ops, {dtype}, capacity "
-              f"{max_cache or context}, policy {policy})")
-
-
-@main.command()
-@click.argument("model", type=click.Path(path_type=str))
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=str), required=True,
-              help="The package to write (a .pt2 file); the manifest ham_export.json goes beside it.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="The device the package is compiled for (cuda needs a GPU here).")
-@_export_options
-@_user_errors
-def native(model: str, out: str, device: str, max_cache: int | None, context: int, policy: str) -> None:
-    """Compile the prefill and decode programs with AOTInductor into one package (models prefill, decode)."""
-    from . import checkpoint
-    from .export import export_native
-
-    ckpt = checkpoint.load(model)
-    path = export_native(ckpt.model, out, max_cache or context, policy, device, source=ckpt.path)
-    err.print(f"wrote {path} (models prefill, decode; {device}, capacity {max_cache or context}, policy {policy}) "
-              f"and {path.parent}/ham_export.json; C++ users load runtimes/libtorch's libham_torch_ops.so first")
+_add_export_commands()
 
 
 @main.command()
@@ -230,73 +213,41 @@ def native(model: str, out: str, device: str, max_cache: int | None, context: in
 def check(model: str, artifact: str, prompts: str | None, steps: int, thresholds: tuple[float, ...],
           atol: float | None, rtol: float | None, margin: float | None, as_json: bool) -> None:
     """Check an exported artifact against the eager model: prefill + N decode steps at each threshold."""
-    from . import checkpoint
-    from .check import DEFAULT_TOLERANCE, compare, default_prompts, read_prompts
-    from .runners import eager_runner_like, load_runner
+    from .backends import load_runner
+    from .check.compare import check_artifact
+    from .check.prompts import default_prompts, read_prompts
+    from .core import checkpoint
+    from .errors import InputError
 
     _check_finite(thresholds)
+    for name, value in (("--atol", atol), ("--rtol", rtol), ("--margin", margin)):
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"{name} must be a finite number, got {value}")
     ckpt = checkpoint.load(model)
-    runner = load_runner(artifact)
-    runner.check_model(ckpt.model)
-    tolerance = DEFAULT_TOLERANCE[runner.dtype]
-    atol, rtol, margin = (tolerance[0] if atol is None else atol, tolerance[1] if rtol is None else rtol,
-                          tolerance[2] if margin is None else margin)
     tokens = read_prompts(prompts) if prompts else default_prompts()
     settings: list[float | list[float]] = list(thresholds) or [list(ckpt.config.thresholds), -1.0, 3.0]
-    results = compare(eager_runner_like(ckpt.model, runner), runner, tokens, settings, steps, atol, rtol, margin)
-    passed = all(r.passed for r in results)
-    report = {
-        "passed": passed,
-        "artifact": str(artifact),
-        "backend": runner.name,
-        "max_abs_err": max(r.max_abs_err for r in results),
-        "max_state_err": max(r.max_state_err for r in results),
-        "min_atol": max(r.min_atol for r in results),
-        "atol": atol, "rtol": rtol, "margin": margin,
-        "prompts": list(tokens.shape), "steps": steps,
-        "rows": [r.to_dict() for r in results],
-    }
+    with load_runner(artifact) as runner:
+        report = check_artifact(ckpt.model, runner, tokens, settings, steps, atol, rtol, margin, str(artifact))
     if as_json:
-        _emit_json(report)
+        _emit_json(report.to_dict())
     else:
-        table = Table(title=f"{artifact} ({runner.name}) vs eager: {tokens.shape[0]} prompts of "
+        table = Table(title=f"{artifact} ({report.backend}) vs eager: {tokens.shape[0]} prompts of "
                             f"{tokens.shape[1]} bytes + {steps} steps")
         for column in ("threshold", "result", "max |logit err|", "max state err", "min atol",
-                       "near flips", "far flips", "KV fraction"):
+                       "near flips", "far flips", "compared", "KV fraction"):
             table.add_column(column, justify="right")
-        for r in results:
+        for r in report.rows:
             label = f"{r.threshold:g}" if isinstance(r.threshold, float) else "own"
             table.add_row(label, "[green]pass[/]" if r.passed else "[red]FAIL[/]", f"{r.max_abs_err:.2e}",
                           f"{r.max_state_err:.2e}", f"{r.min_atol:.2e}", str(r.near_flips), str(r.far_flips),
-                          f"{r.kv_fraction:.3f}")
+                          f"{r.compared_sequences}/{r.sequences}", f"{r.kv_fraction:.3f}")
         out.print(table)
-        for r in results:
+        for r in report.rows:
             for failure in r.failures[:5]:
-                out.print(f"[red]{r.threshold}:[/] {failure}")
-        out.print(f"smallest atol that passes at rtol {rtol:g}: {report['min_atol']:.3g}")
-    if not passed:
+                out.print(f"{r.threshold}: {failure}", markup=False)
+        out.print(f"smallest atol that passes at rtol {report.rtol:g}: {report.to_dict()['min_atol']:.3g}")
+    if not report.passed:
         sys.exit(1)
-
-
-@main.command("tvm")
-@click.argument("model", type=click.Path(path_type=str))
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=str), required=True)
-@click.option("--target", default="llvm", show_default=True,
-              help="TVM target: llvm (this CPU), cuda (an NVIDIA H100, sm_90; compiles without a GPU) or a TVM "
-                   "target tag such as nvidia/nvidia-a100.")
-@click.option("--from", "from_form", type=click.Choice(["exported", "onnx"]), default="exported", show_default=True,
-              help="What to import: the torch.export programs (onnx is refused: TVM cannot import its Scan/Loop).")
-@_export_options
-@_user_errors
-def tvm_(model: str, out: str, target: str, from_form: str, max_cache: int | None, context: int, policy: str) -> None:
-    """Compile the prefill and decode programs with Apache TVM (prefill.so, decode.so, ham_export.json)."""
-    from . import checkpoint
-    from .tvm_backend import export_tvm
-
-    ckpt = checkpoint.load(model)
-    folder = export_tvm(ckpt.model, out, max_cache or context, policy, target, source=ckpt.path, from_form=from_form)
-    err.print(f"wrote {folder}/prefill.so, decode.so and ham_export.json (TVM, target {target}, capacity "
-              f"{max_cache or context}, policy {policy})")
 
 
 @main.command()
@@ -332,13 +283,13 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
     """Memory per threshold at a context and batch: measured cache fill, bytes, quality; the choice for a budget."""
     from rich.progress import Progress
 
-    from . import checkpoint
-    from . import manifest as mf
-    from .data import pydoc_corpus, read_text_file
+    from .backends import read_manifest
+    from .core import checkpoint
+    from .core.data import pydoc_corpus, read_text_file
     from .errors import InputError
-    from .memreport import SWEEP, memory_report, parse_thresholds, plot_report
-    from .memverify import verify_ort
-    from .units import format_size, parse_size
+    from .memory.report import SWEEP, memory_report, parse_thresholds, plot_report
+    from .memory.units import format_size, parse_size
+    from .memory.verify import verify_ort
 
     if sweep and thresholds_text is not None:
         raise InputError("give --thresholds or --sweep, not both")
@@ -347,11 +298,11 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
     ckpt = checkpoint.load(model)
     capacity = None
     if artifact is not None:
-        _, manifest = mf.read(artifact)
-        capacity = manifest["capacity"]
-        if dtype is not None and dtype != manifest["dtype"]:
-            raise InputError(f"--dtype {dtype} differs from the artifact's {manifest['dtype']}")
-        dtype = manifest["dtype"]
+        manifest = read_manifest(artifact)
+        capacity = manifest.capacity
+        if dtype is not None and dtype != manifest.dtype:
+            raise InputError(f"--dtype {dtype} differs from the artifact's {manifest.dtype}")
+        dtype = manifest.dtype
     dtype = dtype or "fp32"
     text, source = (read_text_file(data), data) if data else (pydoc_corpus().held_out, "held-out pydoc topics")
     with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:

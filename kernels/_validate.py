@@ -1,15 +1,37 @@
-"""Host-side input checks shared by the kernel modules, run before any launch.
+"""Host-side input checks of the kernel launchers, run before any launch.
 
-Each check raises ``ValueError`` with a message that names the argument, what was expected and what was given.
-``named`` maps argument names to the values passed, in the order they are checked; an expectation for a name that
-``named`` lacks (an optional argument left out) is skipped.
+A launcher of a ``ham`` op checks its inputs with the op's spec (:func:`op_inputs`, which is
+:meth:`ham_export.ops.spec.OpSpec.check`, the check of every implementation), plus what the kernel adds (one device).
+The helpers below serve the kernels that are not ops (the GDN decode step, the fused decode step): each raises
+``ValueError`` with a message that names the argument, what was expected and what was given. ``named`` maps argument
+names to the values passed, in the order they are checked; an expectation for a name that ``named`` lacks (an
+optional argument left out) is skipped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ham_export.errors import InputError
+from ham_export.ops.spec import OpSpec
+
+
+class KernelInputError(InputError):
+    """Inputs a kernel cannot take (an InputError, so a ValueError)."""
+
+
+def op_inputs(spec: OpSpec, inputs: Sequence, attributes: Mapping[str, str] | None = None, *,
+              values: bool | None = None) -> dict:
+    """The op's preconditions (its spec) and one device for every tensor; returns the size of every shape letter.
+    ``values``: check the lengths on the host (default: when they live on the CPU, see ``OpSpec.check``)."""
+    dims = spec.check(inputs, attributes, values=values)
+    devices = {t.device for t in inputs}
+    if len(devices) > 1:
+        raise KernelInputError(f"{spec.torch_name}: all inputs must be on one device, got "
+                               f"{sorted(str(d) for d in devices)}")
+    return dims
 
 
 def shapes_of(named: dict, names: tuple[str, ...]) -> str:
@@ -64,20 +86,3 @@ def nonempty(named: dict, what: str, sizes: tuple[int, ...], sources: tuple[str,
     shapes the message quotes."""
     if 0 in sizes:
         raise ValueError(f"empty {what} are not supported: {shapes_of(named, sources)}")
-
-
-def attention_args(q, k_cache, v_cache, length, k, v, routed, scale, one_token: bool) -> None:
-    """The arguments of ``reference.cache_attention``, as both attention kernels take them (``one_token``: T = 1,
-    the decode kernel)."""
-    named = dict(q=q, k_cache=k_cache, v_cache=v_cache, length=length, k=k, v=v, routed=routed, scale=scale)
-    tensors(named)
-    ndims(named, dict(q=4, k_cache=4, v_cache=4, length=1, k=4, v=4, routed=2, scale=1))
-    b, h, t, kd = q.shape
-    c, vd = k_cache.shape[2], v_cache.shape[3]
-    if one_token and t != 1:
-        raise ValueError(f"cache_attention_decode handles one new token (T = 1); q has shape {tuple(q.shape)}")
-    shapes(named, dict(k_cache=(b, h, c, kd), v_cache=(b, h, c, vd), length=(b,), k=(b, h, t, kd), v=(b, h, t, vd),
-                       routed=(b, t), scale=(h,)), ("q", "k_cache", "v_cache"))
-    dtypes(named, dict(q=FLOAT_DTYPES, k_cache="q", v_cache="q", k="q", v="q", scale=FLOAT_DTYPES,
-                       length=torch.int64, routed=torch.bool))
-    nonempty(named, "batch, heads, tokens or head dims", (b, h, t, kd, vd), ("q", "v_cache"))

@@ -3,8 +3,9 @@
 One decode token for one layer = the GDN step (read and write the state) + the cache side (score, route,
 attention over the valid cache entries, append). Three ways to run it, on the same inputs:
 
-- ``triton``: :func:`kernels.gdn.gdn_step` (state updated in place) + :func:`kernels.decode_step.decode_step_`;
-- ``reference``: the plain-PyTorch reference of :mod:`ham_export.reference` (gdn_step, surprise, route,
+- ``triton``: :func:`ham_export.kernels.gdn.gdn_step` (state updated in place) +
+  :func:`ham_export.kernels.decode_step.decode_step_`;
+- ``reference``: the plain-PyTorch reference of :mod:`ham_export.ops.reference` (gdn_step, surprise, route,
   cache_attention, cache_append), as the eager model runs it;
 - ``sdpa``: the usual full-cache decode: the GDN step in PyTorch, the token written at its slot, then
   ``F.scaled_dot_product_attention`` over the whole capacity with a padding mask (reads every slot, whatever the
@@ -12,11 +13,11 @@ attention over the valid cache entries, append). Three ways to run it, on the sa
 
 For each capacity (1K to 128K entries) and fill (10%, 50%, 100%: the valid entries before the step) it prints the
 latency of each, the bytes the step must move at least (state read + write, valid cache entries read, one entry
-written; :func:`kernels.decode_step.min_bytes`), the Triton path's achieved bandwidth as a fraction of the GPU's
-peak (a table of datasheet figures by name, and the copy bandwidth measured in the same run), and the speed-ups.
+written; :func:`ham_export.kernels.decode_step.min_bytes`), the Triton path's achieved bandwidth as a fraction of the
+GPU's peak (a table of datasheet figures by name, and the copy bandwidth measured in the same run), and the speed-ups.
 
-    python kernels/bench.py                       # on a CUDA GPU: the full table (Markdown, for the README)
-    TRITON_INTERPRET=1 python kernels/bench.py --smoke   # CPU: tiny shapes, checks the script, timings meaningless
+    python -m ham_export.kernels.bench            # on a CUDA GPU: the full table (Markdown, for the README)
+    TRITON_INTERPRET=1 python -m ham_export.kernels.bench --smoke   # CPU: tiny shapes, checks the script only
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,9 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python kernels/bench.py` from anywhere
-
-from ham_export import reference as ref
+from ham_export.ops import reference as ref
 
 # Datasheet HBM bandwidth (bytes/s) by a name fragment of torch.cuda.get_device_name(); first match wins.
 PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
@@ -170,12 +168,12 @@ def check_agreement(case: Case, gdn, step) -> float:
 def bench(args: argparse.Namespace) -> tuple[dict, list[Row]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
-        raise SystemExit("kernels/bench.py: no CUDA GPU is visible to torch; run it on a GPU machine, or with "
+        raise SystemExit("ham_export.kernels.bench: no CUDA GPU is visible to torch; run it on a GPU machine, or with "
                          "TRITON_INTERPRET=1 and --smoke to check the script on the CPU")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("kernels/bench.py: --smoke on the CPU needs TRITON_INTERPRET=1")
-    from kernels import decode_step as step
-    from kernels import gdn
+        raise SystemExit("ham_export.kernels.bench: --smoke on the CPU needs TRITON_INTERPRET=1")
+    from ham_export.kernels import decode_step as step
+    from ham_export.kernels import gdn
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)"
@@ -190,8 +188,8 @@ def bench(args: argparse.Namespace) -> tuple[dict, list[Row]]:
             case = Case(args.batch, args.heads, args.head_dim, args.head_dim, capacity, length, dtype, device)
             err = check_agreement(case, gdn, step)
             if not err <= args.atol:
-                raise SystemExit(f"kernels/bench.py: the Triton step differs from the reference by {err:.3g} at "
-                                 f"capacity {capacity}, fill {fill} (atol {args.atol}); not timing a wrong kernel")
+                raise SystemExit(f"ham_export.kernels.bench: the Triton step differs from the reference by {err:.3g} "
+                                 f"at capacity {capacity}, fill {fill} (atol {args.atol}); not timing a wrong kernel")
             times = {}
             for label, fn in [("reference", lambda c=case: run_reference(c)),
                               ("sdpa", lambda c=case: run_sdpa(c)),

@@ -1,6 +1,6 @@
 """Triton kernel for ``cache_append``: store a call's routed tokens in a fixed-capacity KV cache, in place.
 
-Reference: :func:`ham_export.reference.cache_append` (same arguments, same order, same names; the results are equal
+Reference: :func:`ham_export.ops.reference.cache_append` (same arguments, same order, same names; the results are equal
 bit for bit, since the kernel only moves data).
 
 ``_cache_append_kernel`` runs one program per batch row (grid ``(B,)``, ``num_warps=4``) and walks the T new tokens
@@ -14,6 +14,10 @@ lowest entry, which a strictly higher score replaces (a NaN in the row, or a NaN
 that follow it (other threads of the program read what one thread wrote), and one more precedes the last step:
 ``length`` becomes ``min(length + routed, C)`` and ``overflow`` ``max(length + routed - C, 0)``. Configs are pinned,
 never autotuned: the kernel writes the cache in place.
+
+A row whose ``length`` lies outside [0, C] is refused in the kernel, as the op's spec says for device kernels
+(:data:`ham_export.ops.spec.CACHE_APPEND`): nothing of it is written, its length stays, its overflow is -1. The
+launchers also check the lengths on the host when they live on the CPU (under the interpreter) and raise there.
 """
 
 from __future__ import annotations
@@ -22,10 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ham_export.reference import POLICIES
+from ham_export.ops.spec import CACHE_APPEND, INVALID_LENGTH
 
 from . import _validate
-from ._validate import FLOAT_DTYPES
 
 BLOCK_T = 32  # most new tokens per block
 BLOCK_C = 256  # most cache entries per block of the eviction argmin
@@ -45,7 +48,7 @@ def _cache_append_kernel(
     ss_b, ss_t,
     sr_b, sr_t,
     EVICT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, INVALID: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -58,10 +61,11 @@ def _cache_append_kernel(
     k_row = k_ptr + b * sk_b
     v_row = v_ptr + b * sv_b
     length = tl.load(length_ptr + b)
+    valid = (length >= 0) & (length <= C)  # a length outside [0, C] is refused: the row is left as it is
 
     # The tokens that fit, in parallel within a block of BLOCK_T tokens.
     count = length * 0  # routed tokens before the block
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(0, tl.where(valid, T, 0), BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         routed = tl.load(routed_ptr + b * sr_b + offs_t * sr_t, mask=offs_t < T, other=0) != 0
         slot = length + count + tl.cumsum(routed.to(tl.int32), axis=0) - 1
@@ -80,7 +84,7 @@ def _cache_append_kernel(
 
     # The tokens that found the cache full, one at a time, in order (rare: only when the row overflows).
     if EVICT:  # noqa: SIM102  (a constexpr branch: the drop kernel compiles without the eviction code)
-        if wanted > C:
+        if valid & (wanted > C):
             tl.debug_barrier()
             seen = length * 0
             for t in range(0, T):
@@ -112,24 +116,13 @@ def _cache_append_kernel(
                     tl.debug_barrier()
 
     tl.debug_barrier()  # every thread has read the old length before one writes the new
-    tl.store(length_ptr + b, tl.minimum(wanted, C))
-    tl.store(overflow_ptr + b, tl.maximum(wanted - C, 0))
+    tl.store(length_ptr + b, tl.where(valid, tl.minimum(wanted, C), length))
+    tl.store(overflow_ptr + b, tl.where(valid, tl.maximum(wanted - C, 0), INVALID))
 
 
-def _check(k_cache, v_cache, score_cache, length, k, v, score, routed, policy) -> None:
-    named = dict(k_cache=k_cache, v_cache=v_cache, score_cache=score_cache, length=length, k=k, v=v, score=score,
-                 routed=routed)
-    _validate.tensors(named)
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    _validate.ndims(named, dict(k_cache=4, v_cache=4, score_cache=2, length=1, k=4, v=4, score=2, routed=2))
-    b, h, c, kd = k_cache.shape
-    t, vd = k.shape[2], v_cache.shape[3]
-    _validate.shapes(named, dict(v_cache=(b, h, c, vd), score_cache=(b, c), length=(b,), k=(b, h, t, kd),
-                                 v=(b, h, t, vd), score=(b, t), routed=(b, t)), ("k_cache", "v_cache", "k"))
-    _validate.dtypes(named, dict(k_cache=FLOAT_DTYPES, v_cache="k_cache", k="k_cache", v="k_cache",
-                                 score_cache=FLOAT_DTYPES, score="score_cache", length=torch.int64, routed=torch.bool))
-    _validate.nonempty(named, "batch, heads or head dims", (b, h, kd, vd), ("k_cache", "v_cache"))
+def _check(k_cache, v_cache, score_cache, length, k, v, score, routed, policy, values: bool | None = None) -> None:
+    _validate.op_inputs(CACHE_APPEND, (k_cache, v_cache, score_cache, length, k, v, score, routed),
+                        {"policy": policy}, values=values)
 
 
 def _launch(k_cache, v_cache, score_cache, length, k, v, score, routed_u8, overflow, evict: bool,
@@ -144,14 +137,16 @@ def _launch(k_cache, v_cache, score_cache, length, k, v, score, routed_u8, overf
         *k.stride(), *v.stride(), *score.stride(), *routed_u8.stride(),
         EVICT=evict, BLOCK_T=min(block_t, triton.next_power_of_2(max(t, 1))),
         BLOCK_C=min(block_c, triton.next_power_of_2(max(c, 1))),
-        BLOCK_K=triton.next_power_of_2(kd), BLOCK_V=triton.next_power_of_2(vd),
+        BLOCK_K=triton.next_power_of_2(kd), BLOCK_V=triton.next_power_of_2(vd), INVALID=INVALID_LENGTH,
         num_warps=NUM_WARPS,
     )
 
 
 def _append(k_cache, v_cache, score_cache, length, k, v, score, routed, policy, block_t: int = BLOCK_T,
-            block_c: int = BLOCK_C) -> torch.Tensor:
-    _check(k_cache, v_cache, score_cache, length, k, v, score, routed, policy)
+            block_c: int = BLOCK_C, values: bool | None = None) -> torch.Tensor:
+    """The in-place append; ``values=False`` skips the host check of the lengths (the kernel then refuses a bad
+    row, as on a GPU)."""
+    _check(k_cache, v_cache, score_cache, length, k, v, score, routed, policy, values)
     overflow = torch.empty_like(length)
     _launch(k_cache, v_cache, score_cache, length, k, v, score, routed.view(torch.uint8), overflow,
             policy == "evict", block_t, block_c)
@@ -166,15 +161,17 @@ def cache_append_(k_cache: torch.Tensor, v_cache: torch.Tensor, score_cache: tor
     Args:
         k_cache: [B, H, C, K]; v_cache: [B, H, C, V]; score_cache: [B, C]; length: [B] int64 valid entries
         (0 <= length <= C); these four are updated in place. k: [B, H, T, K], v: [B, H, T, V] the new tokens;
-        score: [B, T] (score_cache's dtype); routed: [B, T] bool; policy: ``drop`` or ``evict``.
-        k_cache, v_cache, k, v share one dtype (float16, bfloat16 or float32); any strides; T >= 1 (1 in decode).
+        score: [B, T]; routed: [B, T] bool; policy: ``drop`` or ``evict``. The float inputs share one dtype
+        (float16, bfloat16 or float32); any strides; T >= 1 (1 in decode).
 
     Returns:
-        overflow: [B] int64, the routed tokens of this call that found the cache full. The cache, its scores and
-        its length equal the reference's results exactly.
+        overflow: [B] int64, the routed tokens of this call that found the cache full (-1 for a row the kernel
+        refused for a length outside [0, C]). The cache, its scores and its length equal the reference's results
+        exactly.
 
     Raises:
-        ValueError: on a wrong shape, dtype, device mix or policy.
+        InputError: (a ValueError) on inputs outside the op's preconditions: a wrong shape, dtype, device mix or
+        policy, or a length outside [0, C] on the host.
     """
     return _append(k_cache, v_cache, score_cache, length, k, v, score, routed, policy)
 

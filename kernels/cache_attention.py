@@ -1,12 +1,16 @@
 """Flash-decoding Triton kernels for ``cache_attention`` with one new token (T = 1, decode).
 
-Reference: :func:`ham_export.reference.cache_attention` (same arguments, same order, same names).
+Reference: :func:`ham_export.ops.reference.cache_attention` (same arguments, same order, same names).
 
 The cache is cut into ``num_splits`` contiguous spans of ``split`` entries (a multiple of ``BLOCK_C``); one program
 per (batch, head, span) walks its span in blocks of ``BLOCK_C`` up to the entry's valid ``length`` (masked loads, so
 entries past ``length`` are never read) and writes a partial running max, sum of weights and weighted value sum. A
 second kernel, one program per (batch, head), combines the partials with the new token (iff routed) and divides. All
 arithmetic is fp32 whatever the input dtype. Configs are pinned; nothing is autotuned.
+
+A row whose ``length`` lies outside [0, C] is refused in the kernel, as the op's spec says for device kernels: no
+cache entry of it is read and its output is NaN. The launcher also checks the lengths on the host when they live on
+the CPU (under the interpreter) and raises there.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ham_export.ops.spec import CACHE_ATTENTION
 
 from . import _validate
 
@@ -43,7 +49,8 @@ def _cache_attention_partial_kernel(
     q = q * tl.load(scale_ptr + h).to(tl.float32)
     length = tl.load(length_ptr + b)
     start = pid_s * split
-    end = tl.minimum(start + split, tl.minimum(length, C))  # a length past C reads no further than C
+    length_ok = (length >= 0) & (length <= C)  # a refused row reads nothing
+    end = tl.where(length_ok, tl.minimum(start + split, length), start)
     n_blocks = tl.cdiv(tl.maximum(end - start, 0), BLOCK_C)
 
     m = tl.full((), float("-inf"), tl.float32)
@@ -76,8 +83,8 @@ def _cache_attention_partial_kernel(
 
 @triton.jit
 def _cache_attention_combine_kernel(
-    m_ptr, l_ptr, acc_ptr, q_ptr, k_ptr, v_ptr, routed_ptr, scale_ptr, out_ptr,
-    H, K, V, num_splits,
+    m_ptr, l_ptr, acc_ptr, q_ptr, k_ptr, v_ptr, routed_ptr, scale_ptr, length_ptr, out_ptr,
+    H, C, K, V, num_splits,
     sq_b, sq_h, sq_k,
     sk_b, sk_h, sk_k,
     sv_b, sv_h, sv_v,
@@ -112,15 +119,21 @@ def _cache_attention_combine_kernel(
     total = tl.sum(l_sum * w, axis=0) + p_new
     num = tl.sum(acc * w[:, None], axis=0) + p_new * vn
     out = num / tl.where(total > 0, total, 1.0)
+    length = tl.load(length_ptr + b)
+    out = tl.where((length >= 0) & (length <= C), out, float("nan"))  # a refused row
     tl.store(out_ptr + b * so_b + h * so_h + offs_v * so_v, out.to(out_ptr.dtype.element_ty), mask=mask_v)
 
 
-def _check(q, k_cache, v_cache, length, k, v, routed, scale) -> None:
-    _validate.attention_args(q, k_cache, v_cache, length, k, v, routed, scale, one_token=True)
+def _check(q, k_cache, v_cache, length, k, v, routed, scale, values: bool | None = None) -> None:
+    dims = _validate.op_inputs(CACHE_ATTENTION, (q, k_cache, v_cache, length, k, v, routed, scale), values=values)
+    if dims["T"] != 1:
+        raise _validate.KernelInputError(f"cache_attention_decode handles one new token (T = 1); q has shape "
+                                         f"{list(q.shape)}")
 
 
-def _decode(q, k_cache, v_cache, length, k, v, routed, scale, block_c: int, max_splits: int) -> torch.Tensor:
-    _check(q, k_cache, v_cache, length, k, v, routed, scale)
+def _decode(q, k_cache, v_cache, length, k, v, routed, scale, block_c: int, max_splits: int,
+            values: bool | None = None) -> torch.Tensor:
+    _check(q, k_cache, v_cache, length, k, v, routed, scale, values)
     b, h, _, kd = q.shape
     c, vd = k_cache.shape[2], v_cache.shape[3]
     n_blocks = max(1, triton.cdiv(c, block_c))
@@ -141,8 +154,8 @@ def _decode(q, k_cache, v_cache, length, k, v, routed, scale, block_c: int, max_
         BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_V=block_v,
     )
     _cache_attention_combine_kernel[(b * h,)](
-        m, l_sum, acc, q, k, v, routed.view(torch.uint8), scale, out,
-        h, kd, vd, num_splits,
+        m, l_sum, acc, q, k, v, routed.view(torch.uint8), scale, length, out,
+        h, c, kd, vd, num_splits,
         q.stride(0), q.stride(1), q.stride(3),
         k.stride(0), k.stride(1), k.stride(3),
         v.stride(0), v.stride(1), v.stride(3),
@@ -157,14 +170,15 @@ def cache_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """Attention of one new token over the cache plus itself iff routed; see ``reference.cache_attention``.
 
     Args:
-        q: [B, H, 1, K]; k_cache: [B, H, C, K]; v_cache: [B, H, C, V]; length: [B] int64 valid entries (at most C);
+        q: [B, H, 1, K]; k_cache: [B, H, C, K]; v_cache: [B, H, C, V]; length: [B] int64 valid entries (0 to C);
         k: [B, H, 1, K], v: [B, H, 1, V] the new token's key and value; routed: [B, 1] bool; scale: [H].
-        q, k_cache, v_cache, k, v share one dtype (float16, bfloat16 or float32); any strides.
+        The float inputs share one dtype (float16, bfloat16 or float32); any strides.
 
     Returns:
-        [B, H, 1, V] in q's dtype (0 for a query that sees no key).
+        [B, H, 1, V] in q's dtype (0 for a query that sees no key; NaN for a row the kernel refused for a length
+        outside [0, C]).
 
     Raises:
-        ValueError: on a wrong shape, dtype or device mix.
+        InputError: (a ValueError) on inputs outside the op's preconditions, or T != 1.
     """
     return _decode(q, k_cache, v_cache, length, k, v, routed, scale, BLOCK_C, MAX_SPLITS)

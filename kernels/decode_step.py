@@ -1,8 +1,8 @@
 """The cache side of one HAM decode token for one layer, on device: score, route, attend, append.
 
-References: :func:`ham_export.reference.surprise` and :func:`~ham_export.reference.route` (the score and the route
-decision, as ``HAMLayer._score`` composes them), :func:`~ham_export.reference.cache_attention` over the cache as it
-stood, then :func:`~ham_export.reference.cache_append` (see ``HAMLayer._with_state``).
+References: :func:`ham_export.ops.reference.surprise` and :func:`~ham_export.ops.reference.route` (the score and the
+route decision, as ``HAMLayer._score`` composes them), :func:`~ham_export.ops.reference.cache_attention` over the
+cache as it stood, then :func:`~ham_export.ops.reference.cache_append` (see ``HAMLayer._with_state``).
 
 :func:`decode_step_` launches four kernels on one stream, with no host synchronisation between them:
 
@@ -24,12 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ham_export.reference import COS_EPS, POLICIES
+from ham_export.ops.reference import COS_EPS
+from ham_export.ops.spec import FLOAT_DTYPES, POLICIES
 
 from . import _validate
 from . import cache_append as _append
 from . import cache_attention as _attention
-from ._validate import FLOAT_DTYPES
 
 NUM_WARPS = 4
 

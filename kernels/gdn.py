@@ -1,7 +1,7 @@
 """Triton kernels for the Gated DeltaNet (GDN) recurrence: the decode step and the chunked prefill.
 
-References: :func:`ham_export.reference.gdn_step` and :func:`ham_export.reference.gdn_chunked` (whose oracle is
-:func:`ham_export.reference.gdn_recurrent`); same arguments, same order, same names, same shapes. The state layout
+References: :func:`ham_export.ops.reference.gdn_step` and :func:`ham_export.ops.reference.gdn_chunked` (whose oracle is
+:func:`ham_export.ops.reference.gdn_recurrent`); same arguments, same order, same names, same shapes. The state layout
 is [B, H, K, V]: vhat = alpha * (k^T S), S' = alpha S + beta k (v - vhat)^T, o = (q^T S') / sqrt(K).
 
 ``gdn_step`` (one decode token), ``_gdn_step_kernel``: grid (B * H, cdiv(V, BLOCK_V)), one program per (batch, head,
@@ -42,8 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ham_export.ops.spec import FLOAT_DTYPES, GDN_PREFILL
+
 from . import _validate
-from ._validate import FLOAT_DTYPES
 
 STEP_BLOCK_V = 32  # value columns per program of the decode step
 CHUNK = 32  # tokens per chunk of the prefill
@@ -211,16 +212,10 @@ def _check_step(q, k, v, alpha, beta, state, out_state) -> None:
 
 
 def _check_chunked(q, k, v, g, beta, state) -> None:
-    named = dict(q=q, k=k, v=v, g=g, beta=beta, state=state)
-    _validate.tensors(named)
-    _validate.ndims(named, dict(q=4, k=4, v=4, g=3, beta=3, state=4))
-    b, t, h, kd = q.shape
-    vd = v.shape[3]
-    _validate.shapes(named, dict(k=(b, t, h, kd), v=(b, t, h, vd), g=(b, t, h), beta=(b, t, h),
-                                 state=(b, h, kd, vd)), ("q", "v"))
-    if t == 0:
-        raise ValueError(f"gdn_chunked needs at least one token (T >= 1); q has shape {tuple(q.shape)}")
-    _check_common(named, ("g", "beta"), b, h, kd, vd)
+    dims = _validate.op_inputs(GDN_PREFILL, (q, k, v, g, beta, state))
+    if dims["K"] > MAX_K:
+        raise _validate.KernelInputError(f"K = {dims['K']} is wider than the {MAX_K} key columns a program keeps "
+                                         f"in registers: q {list(q.shape)}")
 
 
 def _block(n: int) -> int:
@@ -290,13 +285,14 @@ def gdn_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] log-decay (alpha = exp(g), finite); beta: [B, T, H];
-        state: [B, H, K, V] initial state (not modified). q, k, v share one dtype (float16, bfloat16 or float32);
-        g, beta and state are in that dtype or float32. Any strides; T >= 1.
+        state: [B, H, K, V] initial state (not modified). All in one float dtype (float16, bfloat16 or float32), as
+        the op's spec says. Any strides; T >= 1.
 
     Returns:
         o: [B, T, H, V] and vhat: [B, T, H, V] in q's dtype; the final state [B, H, K, V] in state's dtype.
 
     Raises:
-        ValueError: on a wrong shape, dtype or device mix, T = 0, or K > 256.
+        InputError: (a ValueError) on inputs outside the op's preconditions (ham_export.ops.spec.GDN_PREFILL), or
+        K > 256.
     """
     return _chunked(q, k, v, g, beta, state, CHUNK, CHUNK_BLOCK_V)

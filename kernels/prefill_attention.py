@@ -1,8 +1,8 @@
 """Prefill Triton kernels for ``cache_attention`` with any number of new tokens: routed-key compaction and sparse
 causal flash attention.
 
-Reference: :func:`ham_export.reference.cache_attention` (same arguments, same order, same names), which masks the
-dense [T, C + T] logits through :func:`ham_export.reference.routed_attention`.
+Reference: :func:`ham_export.ops.reference.cache_attention` (same arguments, same order, same names), which masks
+the dense [T, C + T] logits through :func:`ham_export.ops.reference.routed_attention`.
 
 ``compact_routed``: one program per batch row (grid ``(B,)``) walks ``routed`` in blocks of ``COMPACT_BLOCK`` (1024)
 tokens, takes a ``tl.cumsum`` of each block and carries the running total across blocks, so that the routed
@@ -11,7 +11,7 @@ the ``count`` [B] int32 routed tokens. ``num_warps`` 4.
 
 ``prefill_attention``: one program per (batch x head, block of ``BLOCK_T`` (64) queries) (grid
 ``(B * H, cdiv(T, BLOCK_T))``). It keeps a flash-attention online softmax in fp32 over (a) the cache in blocks of
-``BLOCK_C`` (32) entries up to ``min(length, C)`` (masked loads, so entries past ``length`` are never read) and (b)
+``BLOCK_C`` (32) entries up to ``length`` (masked loads, so entries past ``length`` are never read) and (b)
 the compacted routed new tokens, gathered through ``index`` in blocks of ``BLOCK_S`` (32) keys with the causal mask
 ``index[j] <= t``. Positions in ``index`` are sorted, so the walk over (b) stops at the first block whose smallest
 position is past the block's last query: only the routed keys up to that query are read, and the cost follows the
@@ -26,6 +26,10 @@ fp32 accuracy, never plain TF32. IEEE fp32 dots lower to FMA loops without tenso
 for fp32 inputs (ptxas for sm_90: about 4 KB per thread at head dim 64, 0.7 KB at 32), while with 3xTF32 ptxas
 reports no spills for fp32 up to head dim 64, 8 bytes for fp16/bf16 at head dim 128, and about 2 KB for fp32 at 128.
 Configs are pinned; nothing is autotuned. Tested under the interpreter and compiled for sm_90; not yet run on a GPU.
+
+A row whose ``length`` lies outside [0, C] is refused in the kernel, as the op's spec says for device kernels: no
+cache entry of it is read and its outputs are NaN. The launcher also checks the lengths on the host when they live
+on the CPU (under the interpreter) and raises there.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from ham_export.ops.spec import CACHE_ATTENTION
 
 from . import _validate
 
@@ -120,8 +126,10 @@ def _prefill_attention_kernel(
     l_sum = tl.zeros((BLOCK_T,), tl.float32)
     acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
 
-    # (a) the cache, [0, min(length, C)): every query of the block sees all of it.
-    end = tl.minimum(tl.load(length_ptr + b), C).to(tl.int32)
+    # (a) the cache, [0, length): every query of the block sees all of it; a refused row reads none of it.
+    length = tl.load(length_ptr + b)
+    valid_length = (length >= 0) & (length <= C)
+    end = tl.where(valid_length, length, 0).to(tl.int32)
     kc_base = k_cache_ptr + b * skc_b + h * skc_h
     vc_base = v_cache_ptr + b * svc_b + h * svc_h
     for start in range(0, end, BLOCK_C):
@@ -161,6 +169,7 @@ def _prefill_attention_kernel(
         first = tl.load(i_base + start * si_t, mask=start < count, other=T).to(tl.int32)
 
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    out = tl.where(valid_length, out, float("nan"))
     tl.store(out_ptr + b * so_b + h * so_h + offs_t[:, None] * so_t + offs_v[None, :] * so_v,
              out.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])
 
@@ -172,10 +181,9 @@ _INTERPRETED = isinstance(_prefill_attention_kernel, InterpretedFunction)
 
 
 def _check_routed(routed) -> None:
-    named = dict(routed=routed)
-    _validate.tensors(named)
-    _validate.ndims(named, dict(routed=2))
-    _validate.dtypes(named, dict(routed=torch.bool))
+    if not isinstance(routed, torch.Tensor) or routed.dim() != 2 or routed.dtype != torch.bool:
+        raise _validate.KernelInputError(f"routed must be a 2-d bool tensor, got "
+                                         f"{list(getattr(routed, 'shape', []))} {getattr(routed, 'dtype', routed)}")
 
 
 def _compact(routed: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,13 +218,13 @@ def compact_routed(routed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _compact(routed, COMPACT_BLOCK)
 
 
-def _check(q, k_cache, v_cache, length, k, v, routed, scale) -> None:
-    _validate.attention_args(q, k_cache, v_cache, length, k, v, routed, scale, one_token=False)
+def _check(q, k_cache, v_cache, length, k, v, routed, scale, values: bool | None = None) -> None:
+    _validate.op_inputs(CACHE_ATTENTION, (q, k_cache, v_cache, length, k, v, routed, scale), values=values)
 
 
 def _prefill(q, k_cache, v_cache, length, k, v, routed, scale, block_t: int, block_c: int, block_s: int,
-             compact_block: int) -> torch.Tensor:
-    _check(q, k_cache, v_cache, length, k, v, routed, scale)
+             compact_block: int, values: bool | None = None) -> torch.Tensor:
+    _check(q, k_cache, v_cache, length, k, v, routed, scale, values)
     b, h, t, kd = q.shape
     c, vd = k_cache.shape[2], v_cache.shape[3]
     index, count = _compact(routed, compact_block)
@@ -240,15 +248,16 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     ``reference.cache_attention``.
 
     Args:
-        q: [B, H, T, K]; k_cache: [B, H, C, K]; v_cache: [B, H, C, V]; length: [B] int64 valid entries (a length
-        past C reads C entries); k: [B, H, T, K], v: [B, H, T, V] the new tokens' keys and values; routed: [B, T]
-        bool; scale: [H]. Query t sees cache entries [0, length) and new token s iff routed[s] and s <= t.
-        q, k_cache, v_cache, k, v share one dtype (float16, bfloat16 or float32); any strides; any T >= 1.
+        q: [B, H, T, K]; k_cache: [B, H, C, K]; v_cache: [B, H, C, V]; length: [B] int64 valid entries (0 to C);
+        k: [B, H, T, K], v: [B, H, T, V] the new tokens' keys and values; routed: [B, T] bool; scale: [H]. Query t
+        sees cache entries [0, length) and new token s iff routed[s] and s <= t. The float inputs share one dtype
+        (float16, bfloat16 or float32); any strides; any T >= 1.
 
     Returns:
-        [B, H, T, V] in q's dtype (0 for a query that sees no key).
+        [B, H, T, V] in q's dtype (0 for a query that sees no key; NaN for a row the kernel refused for a length
+        outside [0, C]).
 
     Raises:
-        ValueError: on a wrong shape, dtype or device mix.
+        InputError: (a ValueError) on inputs outside the op's preconditions.
     """
     return _prefill(q, k_cache, v_cache, length, k, v, routed, scale, BLOCK_T, BLOCK_C, BLOCK_S, COMPACT_BLOCK)

@@ -19,3 +19,6 @@ if [ ! -f "$build/CMakeCache.txt" ] || [ "$#" -gt 0 ]; then
 fi
 run_quiet cmake --build "$build" -j "${HAM_BUILD_JOBS:-2}"
 [ -f "$build/libham_torch_ops.so" ] || { echo "build-torch-ops: the build left no $build/libham_torch_ops.so" >&2; exit 1; }
+# Next to the package, where ham_export.ops.libraries finds it (and a wheel built after this carries it).
+mkdir -p ham_export/lib
+cp "$build/libham_torch_ops.so" ham_export/lib/

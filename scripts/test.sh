@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The test suite: install with the dev, ONNX, plot, TVM and Triton extras, build the ONNX Runtime and libtorch op
-# libraries, lint, run every test.
+# libraries, lint (ruff for Python, clang-format for C++), run every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-venv.sh dev onnx plot tvm triton
 bash scripts/build-ort-ops.sh
 bash scripts/build-torch-ops.sh
 .venv/bin/ruff check .
+mapfile -t cpp < <(find runtimes examples plugins_trt -type f \( -name '*.cc' -o -name '*.h' -o -name '*.cu' \) | sort)
+.venv/bin/clang-format --dry-run --Werror "${cpp[@]}"
 .venv/bin/python -m pytest "$@"

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The Triton kernels run on CPU tensors under Triton's interpreter in the tests. Triton reads the variable when it is
+# first imported, when it decorates a kernel and while a kernel runs, so it is set for the whole session, before any
+# test module imports a kernel. Tests that need compiled kernels (the sm_90 compiles, the gpu-marked tests) run them
+# in child processes without it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import torch
 
-from ham_export.config import HAMConfig
-from ham_export.model import HAMLM
+from ham_export.core.config import HAMConfig
+from ham_export.core.model import HAMLM
 
 SMALL = dict(d_model=32, n_layers=2, n_heads=2, head_dim=8, head_dim_v=8, mlp_hidden=64, router_hidden=16,
              context_length=64)

@@ -2,7 +2,7 @@
 //
 //   aoti_greedy [--ops LIB] PACKAGE PROMPT STEPS
 //
-// PACKAGE is the model.pt2 written by ham_export.export.export_native (or the folder holding it). The compiled
+// PACKAGE is the model.pt2 written by ham-export native (or the folder holding it). The compiled
 // code calls the ham ops through the dispatcher, so the op library libham_torch_ops.so (runtimes/libtorch) is
 // dlopen'ed first: LIB, or the one next to this executable. Then the package's "prefill" and "decode" models are
 // loaded with torch::inductor::AOTIModelPackageLoader, the UTF-8 bytes of PROMPT are prefilled as one sequence, and

@@ -1,8 +1,10 @@
 // ONNX Runtime custom-op library of the HAM ops: domain "ham.ai", version 1, CPU kernels for float32 and float16.
 //
-// The op names, input and output order and attributes follow ham_export/opspec.py; the math is that of
-// ham_export/reference.py (kernels in ham_cpu_kernels.h). Built against the ORT C++ headers with
-// ORT_API_MANUAL_INIT: ONNX Runtime hands its API to RegisterCustomOps, so no link against libonnxruntime.
+// The op names, versions, input and output order, attributes and input checks come from the op specs
+// (../common/ham_op_spec.h, generated from ham_export/ops/spec.py; ../common/ham_op_check.h); the math is that of
+// ham_export/ops/reference.py (kernels in ../common/ham_cpu_kernels.h, CUDA launchers in ham_cuda_kernels.h). Built
+// against the ORT C++ headers with ORT_API_MANUAL_INIT: ONNX Runtime hands its API to RegisterCustomOps, so no link
+// against libonnxruntime.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #include "onnxruntime_lite_custom_op.h"
@@ -20,6 +22,8 @@
 #include <vector>
 
 #include "ham_cpu_kernels.h"
+#include "ham_op_check.h"
+#include "ham_op_spec.h"
 #ifdef HAM_ORT_CUDA
 #include "ham_cuda_kernels.h"
 #endif
@@ -38,8 +42,6 @@ namespace {
 
 using Ort::Custom::Tensor;
 
-constexpr const char* kDomain = "ham.ai";
-constexpr int kVersion = 1;
 constexpr const char* kCpu = "CPUExecutionProvider";
 
 // Cache tensors CacheAppend copied from input to output (the caller did not share the buffers), and their bytes.
@@ -48,69 +50,20 @@ std::atomic<uint64_t> g_cache_copy_bytes{0};
 
 [[noreturn]] void Fail(const std::string& message) { throw Ort::Exception(std::string(message), ORT_INVALID_ARGUMENT); }
 
-std::string ShapeString(const std::vector<int64_t>& shape) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
-  out << "]";
-  return out.str();
-}
+template <typename T>
+constexpr const char* kFloatName = std::is_same_v<T, float> ? "float32" : "float16";
 
-// Checks each tensor's shape against the letters of its spec (e.g. "BHTK" for [B, H, T, K]) and binds each
-// letter to a size at its first sight; a later mismatch names both tensors.
-class ShapeCheck {
+// The op's check from its spec, for this library's float types; Input() checks an input by its spec index.
+class Check : public OpCheck {
  public:
-  explicit ShapeCheck(const char* op) : op_(op) {}
+  explicit Check(const spec::Op& op) : OpCheck(op, op.onnx_name, {"float32", "float16"}) {}
 
-  void operator()(const char* kind, const char* name, const std::vector<int64_t>& shape, const std::string& letters) {
-    if (shape.size() != letters.size()) {
-      Fail(Where(kind, name) + " has shape " + ShapeString(shape) + " (rank " + std::to_string(shape.size()) +
-           "), expected rank " + std::to_string(letters.size()) + ": " + Letters(letters));
-    }
-    for (size_t i = 0; i < letters.size(); ++i) {
-      Dim& dim = dims_[Index(letters[i])];
-      if (dim.from.empty()) {
-        dim.size = shape[i];
-        dim.from = name;
-      } else if (dim.size != shape[i]) {
-        Fail(Where(kind, name) + " has shape " + ShapeString(shape) + ", expected " + Letters(letters) + " with " +
-             letters[i] + " = " + std::to_string(dim.size) + " (from input '" + dim.from + "')");
-      }
-    }
-  }
   template <typename T>
-  void Input(const char* name, const Tensor<T>& t, const std::string& letters) {
-    (*this)("input", name, t.Shape(), letters);
+  void Input(int i, const Tensor<T>& t) {
+    const char* dtype = std::is_same_v<T, int64_t> ? "int64" : std::is_same_v<T, bool> ? "bool" : kFloatName<T>;
+    OpCheck::Input(i, dtype, t.Shape());
   }
-
-  int64_t operator[](char letter) const { return dims_[Index(letter)].size; }
-  const std::string& op() const { return op_; }
-
- private:
-  struct Dim {
-    int64_t size = 0;
-    std::string from;
-  };
-  static size_t Index(char letter) { return static_cast<unsigned char>(letter) % 32; }
-  static std::string Letters(const std::string& letters) {
-    std::string out = "[";
-    for (size_t i = 0; i < letters.size(); ++i) (out += (i ? ", " : "")) += letters[i];
-    return out + "]";
-  }
-  std::string Where(const char* kind, const char* name) const { return op_ + ": " + kind + " '" + name + "'"; }
-
-  std::string op_;
-  Dim dims_[32];
 };
-
-void CheckLength(const ShapeCheck& check, const int64_t* length, int64_t batch, int64_t capacity) {
-  for (int64_t b = 0; b < batch; ++b) {
-    if (length[b] < 0 || length[b] > capacity) {
-      Fail(check.op() + ": input 'length' holds " + std::to_string(length[b]) + " at batch " + std::to_string(b) +
-           ", outside [0, C] with cache capacity C = " + std::to_string(capacity));
-    }
-  }
-}
 
 // Runs fn(i) for i in [0, total) on ORT's intra-op threads; the first exception is rethrown here.
 template <typename Fn>
@@ -144,6 +97,8 @@ Ort::Status Guard(const char* op, Fn&& fn) {
   try {
     fn();
     return Ort::Status{nullptr};
+  } catch (const CheckError& e) {
+    return Ort::Status(e.what(), ORT_INVALID_ARGUMENT);
   } catch (const Ort::Exception& e) {
     return Ort::Status(e);
   } catch (const std::exception& e) {
@@ -172,18 +127,20 @@ struct CacheAttentionOp {
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<T>& q, const Tensor<T>& k_cache, const Tensor<T>& v_cache,
                       const Tensor<int64_t>& length, const Tensor<T>& k, const Tensor<T>& v, const Tensor<bool>& routed,
                       const Tensor<T>& scale, Tensor<T>& o) {
-    return Guard("CacheAttention", [&] {
-      ShapeCheck check("CacheAttention");
-      check.Input("q", q, "BHTK");
-      check.Input("k_cache", k_cache, "BHCK");
-      check.Input("v_cache", v_cache, "BHCV");
-      check.Input("length", length, "B");
-      check.Input("k", k, "BHTK");
-      check.Input("v", v, "BHTV");
-      check.Input("routed", routed, "BT");
-      check.Input("scale", scale, "H");
+    namespace in = spec::cache_attention;
+    return Guard(spec::kCacheAttention.onnx_name, [&] {
+      Check check(spec::kCacheAttention);
+      check.Input(in::kQ, q);
+      check.Input(in::kKCache, k_cache);
+      check.Input(in::kVCache, v_cache);
+      check.Input(in::kLength, length);
+      check.Input(in::kK, k);
+      check.Input(in::kV, v);
+      check.Input(in::kRouted, routed);
+      check.Input(in::kScale, scale);
       const CacheAttentionDims d{check['B'], check['H'], check['T'], check['C'], check['K'], check['V']};
-      if constexpr (!kCuda) CheckLength(check, length.Data(), d.B, d.C);
+      // On the host the lengths are checked here; the CUDA kernels refuse a bad row on the device.
+      if constexpr (!kCuda) check.Values(in::kLength, length.Data(), d.B);
       T* out = o.Allocate({d.B, d.H, d.T, d.V});
       if (d.B * d.H * d.T * d.V == 0) return;
       const T *qp = q.Data(), *kcp = k_cache.Data(), *vcp = v_cache.Data(), *kp = k.Data(), *vp = v.Data();
@@ -207,15 +164,20 @@ struct CacheAttentionOp {
 
 // ---------------------------------------------------------------------------------------------------------------
 Policy ReadPolicy(const OrtKernelInfo* info) {
+  namespace in = spec::cache_append;
   std::string policy;
+  bool present = true;
   try {
-    policy = Ort::ConstKernelInfo(info).GetAttribute<std::string>("policy");
+    policy = Ort::ConstKernelInfo(info).GetAttribute<std::string>(in::kAttributes[0].name);
   } catch (const Ort::Exception&) {
-    Fail("CacheAppend: attribute 'policy' is missing; it must be \"drop\" or \"evict\"");
+    present = false;
   }
-  if (policy == "drop") return Policy::kDrop;
-  if (policy == "evict") return Policy::kEvict;
-  Fail("CacheAppend: attribute 'policy' is \"" + policy + "\"; it must be \"drop\" or \"evict\"");
+  try {
+    const int choice = Check(spec::kCacheAppend).Attribute(0, present ? policy.c_str() : nullptr);
+    return choice == in::kDrop ? Policy::kDrop : Policy::kEvict;
+  } catch (const CheckError& e) {
+    Fail(e.what());
+  }
 }
 
 void CountCopy(uint64_t bytes) {
@@ -241,18 +203,20 @@ struct CacheAppendOp {
                       const Tensor<T>& v, const Tensor<T>& score, const Tensor<bool>& routed, Tensor<T>& k_cache_out,
                       Tensor<T>& v_cache_out, Tensor<T>& score_cache_out, Tensor<int64_t>& length_out,
                       Tensor<int64_t>& overflow) {
-    return Guard("CacheAppend", [&] {
-      ShapeCheck check("CacheAppend");
-      check.Input("k_cache", k_cache, "BHCK");
-      check.Input("v_cache", v_cache, "BHCV");
-      check.Input("score_cache", score_cache, "BC");
-      check.Input("length", length, "B");
-      check.Input("k", k, "BHTK");
-      check.Input("v", v, "BHTV");
-      check.Input("score", score, "BT");
-      check.Input("routed", routed, "BT");
+    namespace in = spec::cache_append;
+    return Guard(spec::kCacheAppend.onnx_name, [&] {
+      Check check(spec::kCacheAppend);
+      check.Input(in::kKCache, k_cache);
+      check.Input(in::kVCache, v_cache);
+      check.Input(in::kScoreCache, score_cache);
+      check.Input(in::kLength, length);
+      check.Input(in::kK, k);
+      check.Input(in::kV, v);
+      check.Input(in::kScore, score);
+      check.Input(in::kRouted, routed);
       const CacheAppendDims d{check['B'], check['H'], check['T'], check['C'], check['K'], check['V']};
-      if constexpr (!kCuda) CheckLength(check, length.Data(), d.B, d.C);
+      // On the host the lengths are checked here; the CUDA kernels refuse a bad row on the device.
+      if constexpr (!kCuda) check.Values(in::kLength, length.Data(), d.B);
       T* kc = k_cache_out.Allocate(k_cache.Shape());
       T* vc = v_cache_out.Allocate(v_cache.Shape());
       T* sc = score_cache_out.Allocate(score_cache.Shape());
@@ -292,14 +256,15 @@ struct GdnPrefillOp {
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<T>& q, const Tensor<T>& k, const Tensor<T>& v,
                       const Tensor<T>& g, const Tensor<T>& beta, const Tensor<T>& state, Tensor<T>& o, Tensor<T>& vhat,
                       Tensor<T>& state_out) {
-    return Guard("GdnPrefill", [&] {
-      ShapeCheck check("GdnPrefill");
-      check.Input("q", q, "BTHK");
-      check.Input("k", k, "BTHK");
-      check.Input("v", v, "BTHV");
-      check.Input("g", g, "BTH");
-      check.Input("beta", beta, "BTH");
-      check.Input("state", state, "BHKV");
+    namespace in = spec::gdn_prefill;
+    return Guard(spec::kGdnPrefill.onnx_name, [&] {
+      Check check(spec::kGdnPrefill);
+      check.Input(in::kQ, q);
+      check.Input(in::kK, k);
+      check.Input(in::kV, v);
+      check.Input(in::kG, g);
+      check.Input(in::kBeta, beta);
+      check.Input(in::kState, state);
       const GdnDims d{check['B'], check['T'], check['H'], check['K'], check['V']};
       T* op = o.Allocate({d.B, d.T, d.H, d.V});
       T* vh = vhat.Allocate({d.B, d.T, d.H, d.V});
@@ -321,16 +286,18 @@ struct GdnPrefillOp {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
+template <template <typename, bool> class Kernel, bool kCuda>
+void AddOp(std::vector<OrtCustomOp*>& list, const spec::Op& op, const char* provider) {
+  using Ort::Custom::CreateLiteCustomOp;
+  list.push_back(CreateLiteCustomOp<Kernel<float, kCuda>>(op.onnx_name, provider, op.version, op.version));
+  list.push_back(CreateLiteCustomOp<Kernel<Ort::Float16_t, kCuda>>(op.onnx_name, provider, op.version, op.version));
+}
+
 template <bool kCuda>
 void AddOps(std::vector<OrtCustomOp*>& list, const char* provider) {
-  using Ort::Custom::CreateLiteCustomOp;
-  using Half = Ort::Float16_t;
-  list.push_back(CreateLiteCustomOp<CacheAttentionOp<float, kCuda>>("CacheAttention", provider, kVersion, kVersion));
-  list.push_back(CreateLiteCustomOp<CacheAttentionOp<Half, kCuda>>("CacheAttention", provider, kVersion, kVersion));
-  list.push_back(CreateLiteCustomOp<CacheAppendOp<float, kCuda>>("CacheAppend", provider, kVersion, kVersion));
-  list.push_back(CreateLiteCustomOp<CacheAppendOp<Half, kCuda>>("CacheAppend", provider, kVersion, kVersion));
-  list.push_back(CreateLiteCustomOp<GdnPrefillOp<float, kCuda>>("GdnPrefill", provider, kVersion, kVersion));
-  list.push_back(CreateLiteCustomOp<GdnPrefillOp<Half, kCuda>>("GdnPrefill", provider, kVersion, kVersion));
+  AddOp<CacheAttentionOp, kCuda>(list, spec::kCacheAttention, provider);
+  AddOp<CacheAppendOp, kCuda>(list, spec::kCacheAppend, provider);
+  AddOp<GdnPrefillOp, kCuda>(list, spec::kGdnPrefill, provider);
 }
 
 // The ops live as long as the process: sessions hold pointers to them.
@@ -361,7 +328,7 @@ HAM_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   Ort::InitApi(api);
   try {
     // Each session options object gets its own domain; ONNX Runtime keeps pointers to it, so it is never freed.
-    Ort::CustomOpDomain domain{ham::kDomain};
+    Ort::CustomOpDomain domain{ham::spec::kOnnxDomain};
     for (OrtCustomOp* op : ham::Ops()) domain.Add(op);
     Ort::UnownedSessionOptions(options).Add(domain);
     domain.release();

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def interpreted(module: str):
-    """Import ``module`` (e.g. ``kernels.gdn``) with TRITON_INTERPRET=1, so that its kernels run on the CPU.
+    """Import ``module`` (e.g. ``ham_export.kernels.gdn``) with TRITON_INTERPRET=1, so that its kernels run on the CPU.
 
     Skips the calling test module when Triton is not installed.
     """

@@ -1,4 +1,5 @@
-"""kernels/bench.py, the GPU benchmark, runs end to end on the CPU in its smoke mode (under the interpreter)."""
+"""The GPU benchmark (``kernels/bench.py``, run as ``python -m ham_export.kernels.bench``) runs end to end on the CPU
+in its smoke mode (under the interpreter)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from .support import ROOT, interpreted
 
-interpreted("kernels.decode_step")  # skips this module without Triton
+interpreted("ham_export.kernels.decode_step")  # skips this module without Triton
 
 
 def _run(*args: str, interpret: bool) -> subprocess.CompletedProcess:
@@ -19,7 +20,7 @@ def _run(*args: str, interpret: bool) -> subprocess.CompletedProcess:
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, str(ROOT / "kernels" / "bench.py"), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "ham_export.kernels.bench", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -17,11 +17,12 @@ import textwrap
 import pytest
 import torch
 
-from ham_export import reference as ref
+from ham_export.ops import reference as ref
+from ham_export.ops.spec import POLICIES
 
 from .support import ROOT, compile_for_hopper, interpreted
 
-ds = interpreted("kernels.decode_step")
+ds = interpreted("ham_export.kernels.decode_step")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402  (after the skip above)
 
@@ -53,7 +54,7 @@ def _inputs(b, c, lengths, h=2, kd=16, vd=16, dtype=torch.float32, seed=0):
         score_cache[i, n:] = float("nan")
     scale = 4.0 + torch.rand(h, generator=g)
     data = [x.to(dtype) for x in (q, k, v, vhat, k_cache, v_cache, score_cache)]
-    return (*data, length, scale)
+    return (*data, length, scale.to(dtype))  # one float dtype per op call, as the op specs say
 
 
 def _given_score(b, dtype, seed=0):
@@ -80,7 +81,7 @@ def _check_step(args, tau, policy, score=None):
     want_score = _reference_score(vhat, v, score_cache, score)
     want_routed = ref.route(want_score, tau.to(want_score.dtype))
     up = [x.float() for x in (q, k_cache, v_cache)]
-    want_o = ref.cache_attention(up[0], up[1], up[2], length, k.float(), v.float(), want_routed, scale)
+    want_o = ref.cache_attention(up[0], up[1], up[2], length, k.float(), v.float(), want_routed, scale.float())
 
     cache = [x.clone() for x in (k_cache, v_cache, score_cache, length)]
     o, got_score, routed, overflow = ds.decode_step_(q, k, v, vhat, *cache, tau, scale, policy, score)
@@ -106,7 +107,7 @@ def _check_step(args, tau, policy, score=None):
 def _cases():
     for c in (1, 5, 64, 130):
         lengths = sorted({0, 1, min(c, 3), min(c, 70), max(c - 1, 0), c})
-        for policy in ref.POLICIES:
+        for policy in POLICIES:
             for router in ("cosine", "given"):
                 for tau in ("store-all", "store-none", "mid"):
                     yield pytest.param(c, lengths, policy, router, tau, id=f"C{c}-{policy}-{router}-{tau}")
@@ -151,7 +152,7 @@ def test_low_precision(dtype, router):
     args = _inputs(len(lengths), 130, lengths, dtype=dtype, seed=2)
     score = _given_score(len(lengths), dtype, seed=2) if router == "given" else None
     tau = _mid_tau(_reference_score(args[3], args[2], args[6], score))
-    for policy in ref.POLICIES:
+    for policy in POLICIES:
         _check_step(args, tau, policy, score)
 
 
@@ -168,12 +169,12 @@ def test_strided_inputs():
     score_cache.copy_(args[6])
     args[0], args[3], args[4], args[6] = q, vhat, k_cache, score_cache
     assert not any(x.is_contiguous() for x in (q, vhat, k_cache, score_cache))
-    for policy in ref.POLICIES:
+    for policy in POLICIES:
         _check_step(tuple(args), torch.tensor(0.0), policy)
         _check_step(tuple(args), torch.tensor(0.5), policy, torch.rand(2 * b, 1)[::2])
 
 
-@pytest.mark.parametrize("policy", ref.POLICIES)
+@pytest.mark.parametrize("policy", POLICIES)
 def test_a_run_of_steps_fills_and_overflows_the_cache(policy):
     """Eight tokens into capacity 3, state carried from step to step; every step against the reference."""
     b, c = 2, 3
@@ -203,20 +204,20 @@ def _bad(**change):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (dict(q=torch.zeros(1, 2, 2, 16)), "T = 1"),
-    (dict(vhat=torch.zeros(1, 2, 1, 8)), "vhat must have shape (1, 2, 1, 16) (from q (1, 2, 1, 16), v (1, 2, 1, 16))"),
-    (dict(vhat=torch.zeros(1, 2, 1, 16, dtype=torch.float16)), "vhat must have v's dtype"),
-    (dict(vhat=None), "vhat is needed when no score is given"),
-    (dict(tau=torch.zeros(2)), "tau must be a 0-dim or [1] tensor"),
-    (dict(tau=torch.tensor(1)), "tau must be a floating-point tensor"),
-    (dict(tau=0.5), "tau must be a torch.Tensor"),
-    (dict(score=torch.zeros(1)), "score must have shape"),
-    (dict(score=torch.zeros(1, 1, dtype=torch.float16)), "score must have score_cache's dtype"),
-    (dict(policy="error"), "policy must be one of"),
-    (dict(scale=torch.ones(3)), "scale must have shape"),
-    (dict(length=torch.zeros(1, dtype=torch.int32)), "length must be torch.int64"),
-    (dict(score_cache=torch.zeros(1, 7)), "score_cache must have shape"),
-    (dict(v_cache=torch.zeros(1, 2, 8, 16, dtype=torch.float16)), "v_cache must have q's dtype"),
+    (dict(q=torch.zeros(1, 2, 2, 16)), "input 'k' has shape [1, 2, 1, 16], expected [B, H, T, K] with T = 2 (from"),
+    (dict(vhat=torch.zeros(1, 2, 1, 8)), "vhat must have shape (1, 2, 1, 16) (from q (1, 2, 1, 16), v (1, 2, 1,"),
+    (dict(vhat=torch.zeros(1, 2, 1, 16, dtype=torch.float16)), "vhat must have v's dtype torch.float32, got"),
+    (dict(vhat=None), "vhat must be a torch.Tensor, got NoneType (vhat is needed when no score is given)"),
+    (dict(tau=torch.zeros(2)), "tau must be a 0-dim or [1] tensor, got shape (2,)"),
+    (dict(tau=torch.tensor(1)), "tau must be a floating-point tensor, got torch.int64"),
+    (dict(tau=0.5), "tau must be a torch.Tensor, got float"),
+    (dict(score=torch.zeros(1)), "score must have shape (1, 1) (from q (1, 2, 1, 16), v (1, 2, 1, 16)), got (1,)"),
+    (dict(score=torch.zeros(1, 1, dtype=torch.float16)), "input 'score' is float16, expected float32 like input"),
+    (dict(policy="error"), "policy must be one of ('drop', 'evict'), got 'error'"),
+    (dict(scale=torch.ones(3)), "input 'scale' has shape [3], expected [H] with H = 2 (from input 'q')"),
+    (dict(length=torch.zeros(1, dtype=torch.int32)), "input 'length' is int32, expected int64"),
+    (dict(score_cache=torch.zeros(1, 7)), "input 'score_cache' has shape [1, 7], expected [B, C] with C = 8 (from"),
+    (dict(v_cache=torch.zeros(1, 2, 8, 16, dtype=torch.float16)), "input 'v_cache' is float16, expected float32 like"),
 ])
 def test_bad_inputs_raise_value_error_before_any_write(change, message):
     args = _bad(**change)
@@ -229,7 +230,7 @@ def test_bad_inputs_raise_value_error_before_any_write(change, message):
 
 @pytest.mark.parametrize(("dtype", "cosine"), [("*fp32", True), ("*bf16", True), ("*bf16", False)])
 def test_score_route_kernel_compiles_for_hopper(dtype, cosine):
-    compile_for_hopper("kernels.decode_step", {
+    compile_for_hopper("ham_export.kernels.decode_step", {
         "_score_route_kernel": (
             dict(vhat_ptr=dtype, v_ptr=dtype, tau_ptr="*fp32", score_ptr=dtype, routed_ptr="*u8"),
             dict(COSINE=cosine, BLOCK_H=32, BLOCK_V=128, EPS=ref.COS_EPS)),
@@ -246,7 +247,7 @@ _ON_GPU = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     b, h, c, kd, vd = 6, 4, 300, 64, 64
     for dtype in (torch.float32, torch.bfloat16):
-        for policy in ref.POLICIES:
+        for policy in POLICIES:
             for given in (False, True):
                 q, k = (ref.l2_normalize(torch.randn(b, h, 1, kd, generator=g)) for _ in range(2))
                 v, vhat = (torch.randn(b, h, 1, vd, generator=g) for _ in range(2))

@@ -7,14 +7,16 @@ preallocated by a test are filled with NaN, so that a missed write shows.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from ham_export import reference as ref
+from ham_export.ops import reference as ref
 
 from .support import compile_for_hopper, interpreted
 
-gdn = interpreted("kernels.gdn")
+gdn = interpreted("ham_export.kernels.gdn")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402  (after the skip above)
 
@@ -154,6 +156,10 @@ def test_low_precision_inputs(dtype, state_dtype):
     assert (got[0].dtype, got[1].dtype, got[2].dtype) == (dtype, dtype, sd)
     _assert_close(got, _double_reference(ref.gdn_step, *args), dtype)
 
+    if state_dtype != "same":  # the op (gdn_prefill) has one float dtype per call
+        with pytest.raises(ValueError, match="input 'state' is float32, expected"):
+            gdn.gdn_chunked(*_chunk_inputs(1, 5, 2, 16, 32, dtype=dtype, state_dtype=sd, seed=8))
+        return
     args = _chunk_inputs(1, gdn.CHUNK + 3, 2, 16, 32, dtype=dtype, state_dtype=sd, seed=8)
     got = gdn.gdn_chunked(*args)
     assert (got[0].dtype, got[1].dtype, got[2].dtype) == (dtype, dtype, sd)
@@ -166,9 +172,13 @@ def test_low_precision_inputs(dtype, state_dtype):
 
 
 def test_gates_in_float32_with_half_inputs():
+    """gdn_step (no op: the model's decode step) takes gates and state in float32 beside float16 inputs; the
+    chunked kernel runs the op gdn_prefill, whose spec has one float dtype per call, and refuses them."""
     q, k, v, g, beta, state = _chunk_inputs(1, 9, 2, 16, 16, dtype=torch.float16, seed=9)
-    args = (q, k, v, g.float(), beta.float(), state.float())
-    _assert_close(gdn.gdn_chunked(*args), _double_reference(ref.gdn_recurrent, *args), torch.float16)
+    args = (q[:, 0], k[:, 0], v[:, 0], g[:, 0].float().exp(), beta[:, 0].float(), state.float())
+    _assert_close(gdn.gdn_step(*args), _double_reference(ref.gdn_step, *args), torch.float16)
+    with pytest.raises(ValueError, match="input 'g' is float32, expected float16 like input 'q'"):
+        gdn.gdn_chunked(q, k, v, g.float(), beta.float(), state.float())
 
 
 def _strided(x: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
@@ -227,7 +237,7 @@ def _bad_step(**change):
     (dict(beta=torch.zeros(1, 2, device="meta")), "all inputs must be on one device"),
 ])
 def test_step_bad_inputs_raise_value_error(change, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         gdn.gdn_step(**_bad_step(**change))
 
 
@@ -238,27 +248,27 @@ def _bad_chunked(**change):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (dict(k=torch.zeros(1, 4, 2, 16)), "k must have shape"),
-    (dict(v=torch.zeros(1, 3, 8)), "v must have 4 dimensions"),
-    (dict(g=torch.zeros(1, 3, 3)), "g must have shape"),
-    (dict(beta=torch.zeros(1, 3, 2, 1)), "beta must have 3 dimensions"),
-    (dict(state=torch.zeros(1, 2, 8, 16)), "state must have shape"),
-    (dict(q=torch.zeros(1, 3, 2, 16, dtype=torch.int32)), "q must be one of"),
-    (dict(k=torch.zeros(1, 3, 2, 16, dtype=torch.bfloat16)), "k must have q's dtype"),
-    (dict(g=torch.zeros(1, 3, 2, dtype=torch.float16)), "g must be q's dtype or torch.float32"),
+    (dict(k=torch.zeros(1, 4, 2, 16)), "input 'k' has shape [1, 4, 2, 16], expected [B, T, H, K] with T = 3"),
+    (dict(v=torch.zeros(1, 3, 8)), "input 'v' has shape [1, 3, 8] (rank 3), expected rank 4: [B, T, H, V]"),
+    (dict(g=torch.zeros(1, 3, 3)), "input 'g' has shape [1, 3, 3], expected [B, T, H] with H = 2 (from input 'q')"),
+    (dict(beta=torch.zeros(1, 3, 2, 1)), "input 'beta' has shape [1, 3, 2, 1] (rank 4), expected rank 3: [B, T, H]"),
+    (dict(state=torch.zeros(1, 2, 8, 16)), "input 'state' has shape [1, 2, 8, 16], expected [B, H, K, V] with K = 16"),
+    (dict(q=torch.zeros(1, 3, 2, 16, dtype=torch.int32)), "input 'q' is int32; the float inputs must be float32 or"),
+    (dict(k=torch.zeros(1, 3, 2, 16, dtype=torch.bfloat16)), "input 'k' is bfloat16, expected float32 like input 'q'"),
+    (dict(g=torch.zeros(1, 3, 2, dtype=torch.float16)), "input 'g' is float16, expected float32 like input 'q'"),
     (dict(q=torch.zeros(1, 0, 2, 16), k=torch.zeros(1, 0, 2, 16), v=torch.zeros(1, 0, 2, 8), g=torch.zeros(1, 0, 2),
-          beta=torch.zeros(1, 0, 2)), "at least one token"),
-    (dict(state=None), "state must be a torch.Tensor"),
+          beta=torch.zeros(1, 0, 2)), "input 'q' has shape [1, 0, 2, 16]: T must be at least 1"),
+    (dict(state=None), "input 'state' must be a tensor, got NoneType"),
 ])
 def test_chunked_bad_inputs_raise_value_error(change, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         gdn.gdn_chunked(**_bad_chunked(**change))
 
 
 @pytest.mark.parametrize("dtype", ["*fp32", "*bf16"])
 def test_kernels_compile_for_hopper(dtype):
     vectors = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, o_ptr=dtype, vhat_ptr=dtype, scale="fp32")
-    compile_for_hopper("kernels.gdn", {
+    compile_for_hopper("ham_export.kernels.gdn", {
         "_gdn_step_kernel": (
             dict(vectors, alpha_ptr=dtype, beta_ptr=dtype, state_ptr="*fp32", new_state_ptr="*fp32"),
             dict(BLOCK_K=128, BLOCK_V=gdn.STEP_BLOCK_V)),

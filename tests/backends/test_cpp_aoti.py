@@ -1,0 +1,84 @@
+"""The C++ runner of AOTInductor packages (examples/cpp/aoti_greedy): built with cmake against the torch wheel's
+libtorch, together with the op library (runtimes/libtorch), it loads a native package of the bundled model and
+decodes greedily; its tokens must equal greedy decoding with eager PyTorch."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ham_export.backends import get
+from ham_export.core import checkpoint
+
+from .cpp_support import BUNDLED, CAPACITY, PROMPT_IDS, PROMPTS, ROOT, assert_tokens_match_eager, cmake_build, run
+
+SOURCE = ROOT / "examples" / "cpp" / "aoti"
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory) -> Path:
+    build = tmp_path_factory.mktemp("aoti-build")
+    cmake_build(SOURCE, build)
+    assert (build / "libham_torch_ops.so").is_file()  # next to the program, where it looks first
+    return build / "aoti_greedy"
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return checkpoint.load(BUNDLED).model
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory, bundled) -> Path:
+    return get("aotinductor").build(bundled, tmp_path_factory.mktemp("native") / "model.pt2", capacity=CAPACITY,
+                                    policy="drop")
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.startswith("aoti_greedy: ") and result.stderr.count("\n") == 1, result.stderr
+    for needle in needles:
+        assert needle in result.stderr
+
+
+@pytest.mark.parametrize(("prompt", "overflows"), PROMPTS, ids=PROMPT_IDS)
+def test_cpp_tokens_match_eager(program, package, bundled, prompt, overflows):
+    assert_tokens_match_eager(program, package, bundled, prompt, overflows)
+
+
+def test_cpp_package_folder_and_zero_steps(program, package):
+    result = run(program, package.parent, "hi", 0)  # the folder holding model.pt2 works as well
+    assert result.returncode == 0 and result.stdout.strip() == "", result.stderr
+
+
+def test_cpp_bad_arguments(program, package, tmp_path):
+    for args in [(package, "hi"), (package, "hi", "x"), (package, "hi", -1), (package, "", 3), ("--ops",),
+                 (tmp_path, "hi", 3), (tmp_path / "model.pt2", "hi", 3)]:
+        assert_usage_error(run(program, *args))
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(package, lone / "model.pt2")  # no manifest beside it
+    assert_usage_error(run(program, lone / "model.pt2", "hi", 3), "ham_export.json")
+
+
+def test_cpp_missing_or_wrong_op_library(program, package, tmp_path):
+    alone = tmp_path / "aoti_greedy"
+    shutil.copy(program, alone)  # no libham_torch_ops.so next to this copy
+    assert_usage_error(run(alone, package, "hi", 3), f"op library not found at {tmp_path}/libham_torch_ops.so",
+                       "scripts/build-torch-ops.sh")
+    assert_usage_error(run(program, "--ops", tmp_path / "none.so", package, "hi", 3), "op library not found")
+    not_elf = tmp_path / "libham_torch_ops.so"
+    not_elf.write_text("not a library\n")
+    assert_usage_error(run(alone, package, "hi", 3), "cannot load the op library")
+    result = run(alone, "--ops", program.parent / "libham_torch_ops.so", package, "hi", 3)
+    assert result.returncode == 0 and len(result.stdout.split()) == 3, result.stderr
+
+
+def test_cpp_damaged_package_is_a_runtime_error(program, package, tmp_path):
+    shutil.copy(package.parent / "ham_export.json", tmp_path)
+    (tmp_path / "model.pt2").write_bytes(package.read_bytes()[:4096])
+    result = run(program, tmp_path / "model.pt2", "hi", 3)
+    assert result.returncode == 1 and result.stderr.startswith("aoti_greedy: "), result.stderr

@@ -1,0 +1,143 @@
+"""``ham-export check`` and its comparator: every kind of mismatch is caught, a near-threshold flip is reported
+apart, a check that compared nothing fails, and the CLI's exit codes (artifacts from other weights, bad tolerances)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ham_export.backends.base import Output
+from ham_export.backends.eager import EagerRunner
+from ham_export.check.compare import compare
+from ham_export.check.prompts import default_prompts
+from ham_export.cli import main
+from ham_export.core import checkpoint
+
+from ..conftest import make_small_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_small_model()
+
+
+def prompts():
+    return default_prompts()[:, :16]
+
+
+class Tampered(EagerRunner):
+    """An eager runner with one deliberate fault."""
+
+    def __init__(self, model, capacity, policy, fault):
+        super().__init__(model, capacity, policy)
+        self.fault = fault
+
+    def _tamper(self, out, state):
+        if self.fault == "logits":
+            out = Output(out.logits + 1e-3, out.scores, out.routed, out.overflow)
+        elif self.fault == "route":
+            routed = out.routed.clone()
+            routed[0, 0, -1] = ~routed[0, 0, -1]
+            out = Output(out.logits, out.scores, routed, out.overflow)
+        elif self.fault == "cache":
+            state = [s._replace(k_cache=s.k_cache + 1e-3) for s in state]
+        elif self.fault == "length":
+            state = [s._replace(length=s.length + 1) for s in state]
+        return out, state
+
+    def _step(self, token, thresholds, state):
+        return self._tamper(*super()._step(token, thresholds, state))
+
+
+@pytest.mark.parametrize("fault", ["logits", "route", "cache", "length"])
+def test_comparator_catches_each_kind_of_fault(model, fault):
+    eager = EagerRunner(model, 64, "drop")
+    bad = Tampered(model, 64, "drop", fault)
+    [result] = compare(eager, bad, prompts(), [-1.0], 2, 1e-4, 1e-4, 1e-4)
+    assert not result.passed
+    if fault == "route":
+        assert result.far_flips > 0
+    if fault == "length":
+        assert result.length_mismatches > 0
+
+
+def test_near_threshold_flip_is_reported_apart(model):
+    eager = EagerRunner(model, 64, "drop")
+    with torch.no_grad():
+        out, _ = eager.prefill(prompts(), torch.tensor(-1.0))
+    tau = float(out.scores[0, 0, 5])  # exactly at one token's score: any rounding may flip it
+
+    class AtTau(EagerRunner):
+        """Flips exactly the decision of the token that sits at the threshold."""
+
+        def _prefill(self, tokens, thresholds):
+            out, state = super()._prefill(tokens, thresholds)
+            routed = out.routed.clone()
+            routed[0, 0, 5] = ~routed[0, 0, 5]
+            return Output(out.logits, out.scores, routed, out.overflow), state
+
+    [result] = compare(eager, AtTau(model, 64, "drop"), prompts(), [tau], 2, 1e-4, 1e-4, 1e-4)
+    assert result.passed and result.near_flips == 1 and result.diverged_sequences == 1
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_cli_torch_export_and_check(tmp_path):
+    model = make_small_model()
+    ckpt = checkpoint.save_pt(model, tmp_path / "m.pt")
+    code, _ = run("torch", ckpt, "-o", tmp_path / "art", "--max-cache", 16)
+    assert code == 0
+    code, output = run("check", ckpt, tmp_path / "art", "--steps", 4, "--json")
+    assert code == 0, output
+    report = json.loads(output)
+    assert report["passed"] and report["max_abs_err"] <= 1e-4 and len(report["rows"]) == 3
+    # Another model's weights: refused as bad input.
+    other = make_small_model()
+    with torch.no_grad():
+        other.embed.weight.mul_(1.01)
+    ckpt_other = checkpoint.save_pt(other, tmp_path / "other.pt")
+    code, output = run("check", ckpt_other, tmp_path / "art")
+    assert code == 2 and "other weights" in output
+    # The same identity but different programs: a real mismatch, exit 1.
+    code, _ = run("torch", ckpt_other, "-o", tmp_path / "art_other", "--max-cache", 16)
+    manifest = tmp_path / "art_other" / "ham_export.json"
+    data = json.loads(manifest.read_text())
+    data["model_sha256"] = json.loads((tmp_path / "art" / "ham_export.json").read_text())["model_sha256"]
+    manifest.write_text(json.dumps(data))
+    code, output = run("check", ckpt, tmp_path / "art_other", "--steps", 2)
+    assert code == 1 and "FAIL" in output
+
+
+def test_a_check_that_compares_no_sequence_fails(model):
+    """Every sequence near-flips at the prefill: nothing was compared, and that is not a pass."""
+    eager = EagerRunner(model, 64, "drop")
+    with torch.no_grad():
+        out, _ = eager.prefill(prompts()[:1], torch.tensor(-1.0))
+    tau = float(out.scores[0, 0, 5])
+
+    class AtTau(EagerRunner):
+        def _prefill(self, tokens, thresholds):
+            out, state = super()._prefill(tokens, thresholds)
+            routed = out.routed.clone()
+            routed[0, 0, 5] = ~routed[0, 0, 5]
+            return Output(out.logits, out.scores, routed, out.overflow), state
+
+    [result] = compare(eager, AtTau(model, 64, "drop"), prompts()[:1], [tau], 2, 1e-4, 1e-4, 1e-4)
+    assert not result.passed and result.compared_sequences == 0 and result.sequences == 1
+    assert "no sequence was compared" in result.failures[0]
+
+
+@pytest.mark.parametrize("option", ["--atol", "--rtol", "--margin"])
+def test_non_finite_tolerances_exit_2(tmp_path, option):
+    model = make_small_model()
+    ckpt = checkpoint.save_pt(model, tmp_path / "m.pt")
+    code, _ = run("torch", ckpt, "-o", tmp_path / "art", "--max-cache", 16)
+    assert code == 0
+    code, output = run("check", ckpt, tmp_path / "art", option, "nan")
+    assert code == 2 and "finite" in output and "Traceback" not in output
