@@ -64,21 +64,26 @@ def test_comparator_catches_each_kind_of_fault(model, fault):
         assert result.length_mismatches > 0
 
 
+class AtTau(EagerRunner):
+    """Flips exactly the decision of token 5 of sequence 0 in layer 0 at the prefill (run it at that token's score:
+    a flip any rounding could cause)."""
+
+    def _prefill(self, tokens, thresholds):
+        out, state = super()._prefill(tokens, thresholds)
+        routed = out.routed.clone()
+        routed[0, 0, 5] = ~routed[0, 0, 5]
+        return Output(out.logits, out.scores, routed, out.overflow), state
+
+
+def score_of_token_5(model, tokens) -> float:
+    with torch.no_grad():
+        out, _ = EagerRunner(model, 64, "drop").prefill(tokens, torch.tensor(-1.0))
+    return float(out.scores[0, 0, 5])
+
+
 def test_near_threshold_flip_is_reported_apart(model):
     eager = EagerRunner(model, 64, "drop")
-    with torch.no_grad():
-        out, _ = eager.prefill(prompts(), torch.tensor(-1.0))
-    tau = float(out.scores[0, 0, 5])  # exactly at one token's score: any rounding may flip it
-
-    class AtTau(EagerRunner):
-        """Flips exactly the decision of the token that sits at the threshold."""
-
-        def _prefill(self, tokens, thresholds):
-            out, state = super()._prefill(tokens, thresholds)
-            routed = out.routed.clone()
-            routed[0, 0, 5] = ~routed[0, 0, 5]
-            return Output(out.logits, out.scores, routed, out.overflow), state
-
+    tau = score_of_token_5(model, prompts())
     [result] = compare(eager, AtTau(model, 64, "drop"), prompts(), [tau], 2, 1e-4, 1e-4, 1e-4)
     assert result.passed and result.near_flips == 1 and result.diverged_sequences == 1
 
@@ -117,17 +122,7 @@ def test_cli_torch_export_and_check(tmp_path):
 def test_a_check_that_compares_no_sequence_fails(model):
     """Every sequence near-flips at the prefill: nothing was compared, and that is not a pass."""
     eager = EagerRunner(model, 64, "drop")
-    with torch.no_grad():
-        out, _ = eager.prefill(prompts()[:1], torch.tensor(-1.0))
-    tau = float(out.scores[0, 0, 5])
-
-    class AtTau(EagerRunner):
-        def _prefill(self, tokens, thresholds):
-            out, state = super()._prefill(tokens, thresholds)
-            routed = out.routed.clone()
-            routed[0, 0, 5] = ~routed[0, 0, 5]
-            return Output(out.logits, out.scores, routed, out.overflow), state
-
+    tau = score_of_token_5(model, prompts()[:1])
     [result] = compare(eager, AtTau(model, 64, "drop"), prompts()[:1], [tau], 2, 1e-4, 1e-4, 1e-4)
     assert not result.passed and result.compared_sequences == 0 and result.sequences == 1
     assert "no sequence was compared" in result.failures[0]
