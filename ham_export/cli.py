@@ -1,7 +1,7 @@
 """The ``ham-export`` command line. Commands only parse options, call the library and print.
 
 One export command per registered backend (:mod:`ham_export.backends`), made from its entry: ``onnx``, ``torch``,
-``native``, ``tvm``, ``triton``; then ``inspect``, ``eval``, ``check`` and ``memory``.
+``native``, ``tvm``, ``triton``, ``trt``; then ``inspect``, ``eval``, ``check`` and ``memory``.
 
 Exit codes: 0 success; 1 a check or budget that failed; 2 bad usage or input (a missing or broken file, a bad
 option value). A user's mistake prints one line on stderr (plain text, never a traceback).
@@ -159,16 +159,24 @@ def _export_command(backend) -> click.Command:
         ckpt = checkpoint.load(model)
         capacity = max_cache or context
         path = backend.build(ckpt.model, out, capacity=capacity, policy=policy, source=ckpt.path, **options)
-        chosen = "".join(f", {o.flag.lstrip('-')} {options[o.name]}" for o in backend.options)
-        click.echo(f"wrote {path} ({backend.name} artifact{chosen}, capacity {capacity}, policy {policy}); "
-                   f"check it with: ham-export check {model} {path}", err=True)
+        chosen = "".join(f", {o.flag.lstrip('-')} {options[o.name]}" for o in backend.options
+                         if o.type is not bool and options[o.name] is not None)
+        if not options.get("prepare_only"):
+            click.echo(f"wrote {path} ({backend.name} artifact{chosen}, capacity {capacity}, policy {policy}); "
+                       f"check it with: ham-export check {model} {path}", err=True)
+        if backend.usage is not None:
+            click.echo(backend.usage(path), err=True)
 
     command.__doc__ = f"Build {backend.summary}."
     command = _user_errors(command)
     for option in reversed(backend.options):
+        if option.type is bool:
+            command = click.option(option.flag, option.name, is_flag=True, default=option.default,
+                                   help=option.help)(command)
+            continue
         kind = click.Choice(option.choices) if option.choices else option.type
-        command = click.option(option.flag, option.name, type=kind, default=option.default, show_default=True,
-                               help=option.help)(command)
+        command = click.option(option.flag, option.name, type=kind, default=option.default,
+                               show_default=option.default is not None, help=option.help)(command)
     command = click.option("--policy", type=click.Choice(["drop", "evict"]), default="drop", show_default=True,
                            help="What a routed token does when it finds the cache full.")(command)
     command = click.option("--context", type=click.IntRange(min=1), default=1024, show_default=True,
@@ -208,10 +216,14 @@ _add_export_commands()
 @click.option("--margin", type=click.FloatRange(min=0), default=None,
               help="Route flips with |score - tau| <= margin are reported apart, not failed. "
                    "Default: 1e-4 (fp32), 1e-2 (fp16).")
+@click.option("--save-polygraphy", "polygraphy_dir", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Also write the eager model's calls as Polygraphy input and output files into this folder (per "
+                   "threshold and program), and print the `polygraphy run` lines that compare the artifact with them.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_user_errors
 def check(model: str, artifact: str, prompts: str | None, steps: int, thresholds: tuple[float, ...],
-          atol: float | None, rtol: float | None, margin: float | None, as_json: bool) -> None:
+          atol: float | None, rtol: float | None, margin: float | None, polygraphy_dir: str | None,
+          as_json: bool) -> None:
     """Check an exported artifact against the eager model: prefill + N decode steps at each threshold."""
     from .backends import load_runner
     from .check.compare import check_artifact
@@ -228,6 +240,14 @@ def check(model: str, artifact: str, prompts: str | None, steps: int, thresholds
     settings: list[float | list[float]] = list(thresholds) or [list(ckpt.config.thresholds), -1.0, 3.0]
     with load_runner(artifact) as runner:
         report = check_artifact(ckpt.model, runner, tokens, settings, steps, atol, rtol, margin, str(artifact))
+    if polygraphy_dir is not None:
+        from .backends import read_manifest
+        from .check import polygraphy
+
+        manifest = read_manifest(artifact)
+        polygraphy.save(ckpt.model, manifest, tokens, settings, steps, polygraphy_dir)
+        for line in polygraphy.commands(manifest, polygraphy_dir, report.atol, report.rtol):
+            click.echo(line, err=True)
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -253,9 +273,9 @@ def check(model: str, artifact: str, prompts: str | None, steps: int, thresholds
 @main.command()
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("--artifact", type=click.Path(path_type=str), default=None,
-              help="An ONNX Runtime artifact folder: its capacity and dtype are used, and a real prefill + decode "
-                   "of --context bytes at 3 thresholds checks the prediction against the memory it holds (slow: "
-                   "about 15 s per threshold at 8192).")
+              help="An artifact folder: its capacity and dtype are used. ONNX Runtime: a real prefill + decode of "
+                   "--context bytes at 3 thresholds checks the prediction against the memory it holds (slow: about "
+                   "15 s per threshold at 8192). TensorRT: each engine's device memory plus the I/O buffers.")
 @click.option("--context", type=click.IntRange(min=1), default=8192, show_default=True,
               help="Sequence length (prompt + generated) to size for.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences decoded at once.")
@@ -310,7 +330,11 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
                             * (len(thresholds) + 1))
         report = memory_report(ckpt.model, text, context, batch, dtype, thresholds, budget_bytes, window, docs,
                                str(ckpt.path), source, progress=lambda n: bar.advance(task, n))
-    if artifact is not None:
+    if artifact is not None and manifest.backend == "tensorrt":
+        from .memory.engine import tensorrt_memory
+
+        report.engine = tensorrt_memory(manifest, batch, context)
+    elif artifact is not None:
         scalar = sorted(set(thresholds))
         picks = sorted({scalar[0], scalar[len(scalar) // 2], scalar[-1]})
         expected = {r.threshold: r.fill.expected_per_layer for r in report.rows}
@@ -362,6 +386,14 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
         elif comparison:
             out.print(f"evict at that capacity: {comparison['evict']['bits_per_byte']:.4f} bits/byte; drop: "
                       f"{comparison['drop']['bits_per_byte']:.4f}")
+    if report.engine is not None:
+        e = report.engine
+        out.print(f"TensorRT engines ({e['tensorrt_version']}, {e['gpu']}): scratch "
+                  + ", ".join(f"{k} {format_size(v)}" for k, v in e["engine_scratch_bytes"].items())
+                  + f"; state {format_size(e['state_bytes'])}; head outputs up to "
+                  f"{format_size(max(e['head_bytes'].values()))}; plans {format_size(e['plan_bytes'])}; total "
+                  f"{format_size(e['total_bytes_shared_scratch'])} with one shared scratch buffer "
+                  f"({format_size(e['total_bytes_separate_scratch'])} with one per engine)")
     for v in report.verification or []:
         out.print(f"ONNX Runtime at tau={v['threshold']:g}: predicted {format_size(v['predicted_bytes'])}, measured "
                   f"{format_size(v['measured_bytes'])} (state {format_size(v['state_bytes'])} + decode peak "

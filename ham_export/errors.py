@@ -28,3 +28,7 @@ class InputError(HamError, ValueError):
 
 class CacheFullError(HamError):
     """A routed token found the KV cache at capacity and the policy is to refuse."""
+
+
+class MissingDependencyError(HamError):
+    """Something the command needs is not installed here (TensorRT, a GPU); the message says what to install."""

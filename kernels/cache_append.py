@@ -38,7 +38,7 @@ NUM_WARPS = 4
 @triton.jit
 def _cache_append_kernel(
     k_cache_ptr, v_cache_ptr, score_cache_ptr, length_ptr,
-    k_ptr, v_ptr, score_ptr, routed_ptr, overflow_ptr,
+    k_ptr, v_ptr, score_ptr, routed_ptr, new_length_ptr, overflow_ptr,
     H, C, T, K, V,
     skc_b, skc_h, skc_c, skc_k,
     svc_b, svc_h, svc_c, svc_v,
@@ -116,7 +116,7 @@ def _cache_append_kernel(
                     tl.debug_barrier()
 
     tl.debug_barrier()  # every thread has read the old length before one writes the new
-    tl.store(length_ptr + b, tl.where(valid, tl.minimum(wanted, C), length))
+    tl.store(new_length_ptr + b, tl.where(valid, tl.minimum(wanted, C), length))
     tl.store(overflow_ptr + b, tl.where(valid, tl.maximum(wanted - C, 0), INVALID))
 
 
@@ -125,18 +125,56 @@ def _check(k_cache, v_cache, score_cache, length, k, v, score, routed, policy, v
                         {"policy": policy}, values=values)
 
 
+def grid(dims, cdiv=triton.cdiv) -> tuple:
+    """The launch grid, from the sizes of the op's shape letters (ints, or TensorRT's shape expressions)."""
+    return (dims["B"],)
+
+
+def blocks(t: int | None, c: int, block_t: int = BLOCK_T, block_c: int = BLOCK_C) -> dict[str, int]:
+    """BLOCK_T and BLOCK_C for T new tokens (None: any T, as in a TensorRT engine) and capacity C."""
+    return dict(BLOCK_T=block_t if t is None else min(block_t, triton.next_power_of_2(max(t, 1))),
+                BLOCK_C=min(block_c, triton.next_power_of_2(max(c, 1))))
+
+
+@triton.jit
+def cache_append_trt(
+    k_cache_ptr, v_cache_ptr, score_cache_ptr, length_ptr, k_ptr, v_ptr, score_ptr, routed_ptr,
+    H, C, T, K, V,
+    k_cache_out_ptr, v_cache_out_ptr, score_cache_out_ptr, length_out_ptr, overflow_ptr,
+    EVICT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr, INVALID: tl.constexpr,
+):
+    """The kernel in TensorRT's plugin ABI: the op's inputs, its sizes as int32 scalars, its outputs; contiguous
+    tensors (strides from the sizes, in int64), routed as int32. The caches are aliased outputs: they are read
+    (under evict) and written through the output pointers, which TensorRT binds to the input buffers; the length
+    is read from its input and written to its own output."""
+    h, c, t, k, v = H.to(tl.int64), C.to(tl.int64), T.to(tl.int64), K.to(tl.int64), V.to(tl.int64)
+    _cache_append_kernel(
+        k_cache_out_ptr, v_cache_out_ptr, score_cache_out_ptr, length_ptr, k_ptr, v_ptr, score_ptr, routed_ptr,
+        length_out_ptr, overflow_ptr,
+        H, C, T, K, V,
+        h * c * k, c * k, k, 1,
+        h * c * v, c * v, v, 1,
+        c, 1,
+        h * t * k, t * k, k, 1,
+        h * t * v, t * v, v, 1,
+        t, 1,
+        t, 1,
+        EVICT, BLOCK_T, BLOCK_C, BLOCK_K, BLOCK_V, INVALID,
+    )
+
+
 def _launch(k_cache, v_cache, score_cache, length, k, v, score, routed_u8, overflow, evict: bool,
             block_t: int = BLOCK_T, block_c: int = BLOCK_C) -> None:
     """Launch the kernel on checked inputs; ``routed_u8`` is [B, T] uint8 (0 or 1), any strides."""
     b, h, c, kd = k_cache.shape
     t, vd = k.shape[2], v_cache.shape[3]
-    _cache_append_kernel[(b,)](
-        k_cache, v_cache, score_cache, length, k, v, score, routed_u8, overflow,
+    _cache_append_kernel[grid({"B": b})](
+        k_cache, v_cache, score_cache, length, k, v, score, routed_u8, length, overflow,
         h, c, t, kd, vd,
         *k_cache.stride(), *v_cache.stride(), *score_cache.stride(),
         *k.stride(), *v.stride(), *score.stride(), *routed_u8.stride(),
-        EVICT=evict, BLOCK_T=min(block_t, triton.next_power_of_2(max(t, 1))),
-        BLOCK_C=min(block_c, triton.next_power_of_2(max(c, 1))),
+        EVICT=evict, **blocks(t, c, block_t, block_c),
         BLOCK_K=triton.next_power_of_2(kd), BLOCK_V=triton.next_power_of_2(vd), INVALID=INVALID_LENGTH,
         num_warps=NUM_WARPS,
     )

@@ -183,6 +183,44 @@ def _gdn_chunked_kernel(
              s.to(final_ptr.dtype.element_ty), mask=mask_s)
 
 
+@triton.jit
+def gdn_prefill_trt(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr,
+    T, H, K, V,
+    o_ptr, vhat_ptr, state_out_ptr,
+    BT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, SCALE: tl.constexpr,
+):
+    """The chunked prefill in TensorRT's plugin ABI: the op's inputs, its sizes as int32 scalars, its outputs;
+    contiguous tensors (strides from the sizes, in int64). The read-out scale 1 / sqrt(K) is a constexpr (TensorRT
+    passes no float scalars; K is fixed when the plugin is built)."""
+    t, h, k, v = T.to(tl.int64), H.to(tl.int64), K.to(tl.int64), V.to(tl.int64)
+    _gdn_chunked_kernel(
+        q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, o_ptr, vhat_ptr, state_out_ptr,
+        T, H, K, V, SCALE,
+        t * h * k, h * k, k, 1,
+        t * h * k, h * k, k, 1,
+        t * h * v, h * v, v, 1,
+        t * h, h, 1,
+        t * h, h, 1,
+        h * k * v, k * v, v, 1,
+        t * h * v, h * v, v, 1,
+        t * h * v, h * v, v, 1,
+        h * k * v, k * v, v, 1,
+        BT, BLOCK_K, BLOCK_V,
+    )
+
+
+def chunked_grid(dims, cdiv=triton.cdiv, block_v: int = CHUNK_BLOCK_V) -> tuple:
+    """The chunked kernel's grid, from the sizes of the op's shape letters (ints, or TensorRT's shape
+    expressions); ``block_v`` as :func:`chunked_blocks` gives it."""
+    return (dims["B"] * dims["H"], cdiv(dims["V"], block_v))
+
+
+def chunked_blocks(kd: int, vd: int, block_v: int = CHUNK_BLOCK_V) -> dict[str, int]:
+    """BLOCK_K and BLOCK_V of the chunked kernel for key and value widths K and V."""
+    return dict(BLOCK_K=_block(kd), BLOCK_V=min(block_v, _block(vd)))
+
+
 def _check_common(named: dict, gates: tuple[str, str], b: int, h: int, kd: int, vd: int) -> None:
     """What both kernels ask: q, k, v in one float dtype, the gates and the state in it or float32; no empty
     dimension; K at most MAX_K."""
@@ -244,16 +282,16 @@ def _chunked(q, k, v, g, beta, state, chunk: int, block_v: int):
     _check_chunked(q, k, v, g, beta, state)
     b, t, h, kd = q.shape
     vd = v.shape[3]
-    block_v = min(block_v, _block(vd))
+    blocks = chunked_blocks(kd, vd, block_v)
     o = torch.empty(b, t, h, vd, device=q.device, dtype=q.dtype)
     vhat = torch.empty_like(o)
     final = torch.empty_like(state)
-    _gdn_chunked_kernel[(b * h, triton.cdiv(vd, block_v))](
+    _gdn_chunked_kernel[chunked_grid({"B": b, "H": h, "V": vd}, block_v=blocks["BLOCK_V"])](
         q, k, v, g, beta, state, o, vhat, final,
         t, h, kd, vd, 1.0 / math.sqrt(kd),
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(), *state.stride(),
         *o.stride(), *vhat.stride(), *final.stride(),
-        BT=chunk, BLOCK_K=_block(kd), BLOCK_V=block_v, num_warps=NUM_WARPS, num_stages=CHUNK_STAGES,
+        BT=chunk, **blocks, num_warps=NUM_WARPS, num_stages=CHUNK_STAGES,
     )
     return o, vhat, final
 

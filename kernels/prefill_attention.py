@@ -92,6 +92,22 @@ def _online_softmax(m, l_sum, acc, logits, vt, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _new_keys(m, l_sum, acc, q, scale, k_base, v_base, pos, valid, offs_t, offs_k, offs_v, mask_k, mask_v,
+              sk_t, sk_k, sv_t, sv_v, DOT_PRECISION: tl.constexpr, QK_FP32: tl.constexpr):
+    """One block of new keys at positions ``pos`` (``valid``: routed and inside), each seen by the queries at or
+    after it, into the online softmax."""
+    kt = tl.load(k_base + pos[None, :] * sk_t + offs_k[:, None] * sk_k, mask=valid[None, :] & mask_k[:, None],
+                 other=0.0)
+    if QK_FP32:
+        kt = kt.to(tl.float32)
+    logits = scale * tl.dot(q, kt, input_precision=DOT_PRECISION)
+    logits = tl.where(valid[None, :] & (pos[None, :] <= offs_t[:, None]), logits, float("-inf"))
+    vt = tl.load(v_base + pos[:, None] * sv_t + offs_v[None, :] * sv_v, mask=valid[:, None] & mask_v[None, :],
+                 other=0.0).to(tl.float32)
+    return _online_softmax(m, l_sum, acc, logits, vt, DOT_PRECISION)
+
+
+@triton.jit
 def _prefill_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, length_ptr, k_ptr, v_ptr, index_ptr, count_ptr, scale_ptr, out_ptr,
     H, T, C, K, V,
@@ -104,6 +120,7 @@ def _prefill_attention_kernel(
     so_b, so_h, so_t, so_v,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_FP32: tl.constexpr,
+    COMPACTED: tl.constexpr = True,
 ):
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -145,33 +162,74 @@ def _prefill_attention_kernel(
                      mask=valid[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
         m, l_sum, acc = _online_softmax(m, l_sum, acc, logits, vt, DOT_PRECISION)
 
-    # (b) the routed new tokens at sorted positions index[0, count): query t sees those at positions <= t.
-    count = tl.load(count_ptr + b).to(tl.int32)
-    i_base = index_ptr + b * si_b
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
-    start = 0
-    first = tl.load(i_base, mask=count > 0, other=T).to(tl.int32)  # T: past every query
-    while first <= last_t:
-        offs_s = start + tl.arange(0, BLOCK_S)
-        valid = offs_s < count
-        pos = tl.load(i_base + offs_s * si_t, mask=valid, other=T).to(tl.int32)
-        kt = tl.load(k_base + pos[None, :] * sk_t + offs_k[:, None] * sk_k,
-                     mask=valid[None, :] & mask_k[:, None], other=0.0)
-        if QK_FP32:
-            kt = kt.to(tl.float32)
-        logits = scale * tl.dot(q, kt, input_precision=DOT_PRECISION)
-        logits = tl.where(valid[None, :] & (pos[None, :] <= offs_t[:, None]), logits, float("-inf"))
-        vt = tl.load(v_base + pos[:, None] * sv_t + offs_v[None, :] * sv_v,
-                     mask=valid[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
-        m, l_sum, acc = _online_softmax(m, l_sum, acc, logits, vt, DOT_PRECISION)
-        start += BLOCK_S
-        first = tl.load(i_base + start * si_t, mask=start < count, other=T).to(tl.int32)
+    i_base = index_ptr + b * si_b
+    if COMPACTED:
+        # (b) the routed new tokens at sorted positions index[0, count): query t sees those at positions <= t.
+        count = tl.load(count_ptr + b).to(tl.int32)
+        start = 0
+        first = tl.load(i_base, mask=count > 0, other=T).to(tl.int32)  # T: past every query
+        while first <= last_t:
+            offs_s = start + tl.arange(0, BLOCK_S)
+            valid = offs_s < count
+            pos = tl.load(i_base + offs_s * si_t, mask=valid, other=T).to(tl.int32)
+            m, l_sum, acc = _new_keys(m, l_sum, acc, q, scale, k_base, v_base, pos, valid, offs_t, offs_k,
+                                      offs_v, mask_k, mask_v, sk_t, sk_k, sv_t, sv_v, DOT_PRECISION, QK_FP32)
+            start += BLOCK_S
+            first = tl.load(i_base + start * si_t, mask=start < count, other=T).to(tl.int32)
+    else:
+        # (b) without compaction (one launch, as a TensorRT plugin): index_ptr is routed itself, and the walk
+        # takes every new token up to the block's last query, masked where it is not routed.
+        for start in range(0, last_t + 1, BLOCK_S):
+            pos = start + tl.arange(0, BLOCK_S)
+            inside = pos <= last_t
+            valid = inside & (tl.load(i_base + pos * si_t, mask=inside, other=0) != 0)
+            m, l_sum, acc = _new_keys(m, l_sum, acc, q, scale, k_base, v_base, pos, valid, offs_t, offs_k,
+                                      offs_v, mask_k, mask_v, sk_t, sk_k, sv_t, sv_v, DOT_PRECISION, QK_FP32)
 
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     out = tl.where(valid_length, out, float("nan"))
     tl.store(out_ptr + b * so_b + h * so_h + offs_t[:, None] * so_t + offs_v[None, :] * so_v,
              out.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])
+
+
+@triton.jit
+def cache_attention_trt(
+    q_ptr, k_cache_ptr, v_cache_ptr, length_ptr, k_ptr, v_ptr, routed_ptr, scale_ptr,
+    H, T, C, K, V,
+    o_ptr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_FP32: tl.constexpr,
+):
+    """The attention in TensorRT's plugin ABI: the op's inputs, its sizes as int32 scalars, the output; contiguous
+    tensors (strides from the sizes, in int64), routed as int32. One launch (a plugin has no workspace for the
+    compaction pass): the walk over the new tokens takes them all up to each block's last query, masked by routed,
+    so it costs T^2 / 2 key reads per head where the compacted walk of :func:`prefill_attention` costs the fill."""
+    h, t, c, k, v = H.to(tl.int64), T.to(tl.int64), C.to(tl.int64), K.to(tl.int64), V.to(tl.int64)
+    _prefill_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, length_ptr, k_ptr, v_ptr, routed_ptr, routed_ptr, scale_ptr, o_ptr,
+        H, T, C, K, V,
+        h * t * k, t * k, k, 1,
+        h * c * k, c * k, k, 1,
+        h * c * v, c * v, v, 1,
+        h * t * k, t * k, k, 1,
+        h * t * v, t * v, v, 1,
+        t, 1,
+        h * t * v, t * v, v, 1,
+        BLOCK_T, BLOCK_C, BLOCK_S, BLOCK_K, BLOCK_V, DOT_PRECISION, QK_FP32, False,
+    )
+
+
+def grid(dims, cdiv=triton.cdiv, block_t: int = BLOCK_T) -> tuple:
+    """The attention kernel's grid, from the sizes of the op's shape letters (ints, or TensorRT's shape
+    expressions)."""
+    return (dims["B"] * dims["H"], cdiv(dims["T"], block_t))
+
+
+def head_blocks(kd: int, vd: int) -> dict[str, int]:
+    """BLOCK_K and BLOCK_V: the head widths padded to a power of two, at least the smallest tl.dot size."""
+    return dict(BLOCK_K=max(MIN_DOT, triton.next_power_of_2(kd)), BLOCK_V=max(MIN_DOT, triton.next_power_of_2(vd)))
 
 
 # The interpreter's tl.dot multiplies bfloat16 operands as their raw uint16 bits (triton 3.7.1): under it, bf16 q and
@@ -229,14 +287,13 @@ def _prefill(q, k_cache, v_cache, length, k, v, routed, scale, block_t: int, blo
     c, vd = k_cache.shape[2], v_cache.shape[3]
     index, count = _compact(routed, compact_block)
     out = torch.empty(b, h, t, vd, device=q.device, dtype=q.dtype)
-    _prefill_attention_kernel[(b * h, triton.cdiv(t, block_t))](
+    _prefill_attention_kernel[grid({"B": b, "H": h, "T": t}, block_t=block_t)](
         q, k_cache, v_cache, length, k, v, index, count, scale, out,
         h, t, c, kd, vd,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(),
         *index.stride(), *out.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_S=block_s,
-        BLOCK_K=max(MIN_DOT, triton.next_power_of_2(kd)), BLOCK_V=max(MIN_DOT, triton.next_power_of_2(vd)),
-        DOT_PRECISION=DOT_PRECISION, QK_FP32=q.dtype == torch.bfloat16 and _INTERPRETED,
+        **head_blocks(kd, vd), DOT_PRECISION=DOT_PRECISION, QK_FP32=q.dtype == torch.bfloat16 and _INTERPRETED,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out

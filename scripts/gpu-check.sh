@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks, for a machine with a CUDA GPU (torch, triton and pytest installed; no network needed): the
-# gpu-marked tests (compiled Triton kernels against the reference, the ham ops' CUDA registrations, the ONNX Runtime
-# CUDA kernels where onnxruntime-gpu exists), then the decode benchmark, whose Markdown table goes to stdout and
-# whose rows go to build/gpu-bench.json.
+# gpu-marked tests (compiled Triton kernels against the reference, the TensorRT plugins' entry kernels launched by
+# Triton, the ham ops' CUDA registrations, the ONNX Runtime CUDA kernels where onnxruntime-gpu exists), then the
+# decode benchmark, whose Markdown table goes to stdout and whose rows go to build/gpu-bench.json.
 #
 #   bash scripts/gpu-check.sh            # uses .venv/bin/python when present, else python3
 #
-# It runs from the source tree: the package is staged in build/gpu-src as it installs (kernels/ becomes
-# ham_export/kernels), so that no pip install is needed on the GPU machine.
+# It runs from the source tree (scripts/source-tree.sh), so that no pip install is needed on the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${HAM_PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -17,12 +16,6 @@ if not torch.cuda.is_available():
     sys.exit("gpu-check: no CUDA GPU is visible to torch")
 print("gpu-check:", torch.cuda.get_device_name(), "torch", torch.__version__, file=sys.stderr)
 PY
-stage=build/gpu-src
-rm -rf "$stage"
-mkdir -p "$stage"
-cp -r ham_export "$stage/ham_export"
-rm -rf "$stage/ham_export/kernels"
-cp -r kernels "$stage/ham_export/kernels"
-export PYTHONPATH=$PWD/$stage:$PWD${PYTHONPATH:+:$PYTHONPATH}
-"$python" -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/ops
+source scripts/source-tree.sh
+"$python" -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/ops tests/plugins_trt
 "$python" -m ham_export.kernels.bench --json build/gpu-bench.json "$@"

@@ -21,7 +21,7 @@ from .manifest import MANIFEST, ArtifactError, Manifest
 
 log = logging.getLogger(__name__)
 
-MODULES = ("torch_export", "onnxruntime", "aotinductor", "tvm", "triton")
+MODULES = ("torch_export", "onnxruntime", "aotinductor", "tvm", "triton", "tensorrt")
 """The backend modules, in the order the CLI lists them."""
 
 _REGISTRY: dict[str, Backend] = {}

@@ -53,7 +53,7 @@ class Option:
     default: Any
     help: str
     choices: tuple[str, ...] = ()
-    type: type = str
+    type: type = str  # str, int, or bool (a flag)
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ class Backend:
         manifest_keys: the backend's own manifest keys and their JSON types.
         memory: what ``ham-export memory`` can say about this backend's memory.
         requires: a function that returns None when the backend can run here, else why not (and how to fix it).
+        usage: ``usage(path) -> str``: what to run next with a built artifact (printed by the export command in
+            place of the generic line), or None.
     """
 
     name: str
@@ -86,6 +88,7 @@ class Backend:
     manifest_keys: dict[str, type | tuple[type, ...]] = field(default_factory=dict)
     memory: str = ""
     requires: Callable[[], str | None] = lambda: None
+    usage: Callable[[Path], str] | None = None
 
 
 class Runner(ABC):

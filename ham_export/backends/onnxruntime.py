@@ -24,7 +24,7 @@ from ..ops.libraries import ORT
 from ..ops.spec import ONNX_DOMAIN, ONNX_DOMAIN_VERSION
 from . import artifact, register
 from .base import Backend, Option, Output, Runner, split_outputs
-from .manifest import ArtifactError, Manifest
+from .manifest import ArtifactError, Manifest, Program
 from .programs import HEAD_OUTPUTS, export_programs, program_table, state_names
 
 log = logging.getLogger(__name__)
@@ -36,14 +36,26 @@ SHARED_FIELDS = ("k_cache", "v_cache", "score_cache")
 def build(model: HAMLM, out: str | Path, capacity: int, policy: str = "drop", source: str | Path | None = None,
           ops: str = "custom", dtype: str = "fp32") -> Path:
     """Write ``prefill.onnx``, ``decode.onnx`` and the manifest into ``out``; returns the folder."""
+    artifact.check_options(capacity, policy, dtype)
+    out = Path(out)
+    programs = export_onnx(model, out, capacity, policy, ops, dtype)
+    library = ORT.to_manifest(domain=ONNX_DOMAIN, version=ONNX_DOMAIN_VERSION) if ops == "custom" else None
+    artifact.manifest(NAME, model, capacity, policy, dtype, programs, source, ops=ops, op_library=library).write(out)
+    log.info("wrote ONNX programs (%s ops, %s) to %s", ops, dtype, out)
+    return out
+
+
+def export_onnx(model: HAMLM, out: Path, capacity: int, policy: str, ops: str, dtype: str,
+                files: dict[str, str] | None = None) -> dict[str, Program]:
+    """Export both programs to ONNX files in ``out`` (``files``: their names, default ``<program>.onnx``), each
+    with its dynamic dims named as the manifest names them and checked by ``onnx.checker``; returns the programs'
+    table. Shared with the TensorRT backend, which rewrites the custom-op form."""
     import onnx
 
     from ..ops.onnx import register_schemas, translation_table
 
-    artifact.check_options(capacity, policy, dtype)
     if ops not in OPS_FORMS:
         raise InputError(f"--ops must be one of {', '.join(OPS_FORMS)}, got {ops!r}")
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     register_schemas()
     cast = model if dtype == "fp32" else artifact.cast_copy(model, artifact.DTYPES[dtype])
@@ -53,21 +65,38 @@ def build(model: HAMLM, out: str | Path, capacity: int, policy: str = "drop", so
         "decode": (["token", "thresholds", *state_names(n, "past")], [*HEAD_OUTPUTS, *state_names(n, "present")]),
     }
     large = model.num_parameters() * artifact.DTYPES[dtype].itemsize > (1 << 30)
-    files = {}
+    files = files or {name: f"{name}.onnx" for name in names}
     for name, program in export_programs(cast, capacity, policy).items():
-        files[name] = f"{name}.onnx"
         inputs, outputs = names[name]
         with artifact.quiet_exporter():
             onnx_program = torch.onnx.export(program, f=None, dynamo=True, input_names=inputs,
                                              output_names=outputs, custom_translation_table=translation_table(ops),
                                              verbose=False, optimize=True)
         onnx_program.save(str(out / files[name]), external_data=large)
+    programs = program_table(model, capacity, dtype, files)
+    for name, program in programs.items():
+        name_dynamic_dims(out / files[name], program)
         onnx.checker.check_model(str(out / files[name]), full_check=True)
-    library = ORT.to_manifest(domain=ONNX_DOMAIN, version=ONNX_DOMAIN_VERSION) if ops == "custom" else None
-    artifact.manifest(NAME, model, capacity, policy, dtype, program_table(model, capacity, dtype, files), source,
-                      ops=ops, op_library=library).write(out)
-    log.info("wrote ONNX programs (%s ops, %s) to %s", ops, dtype, out)
-    return out
+    return programs
+
+
+def name_dynamic_dims(path: Path, program) -> None:
+    """Name the graph's dynamic dims as the manifest does (``B``, ``T``) instead of the exporter's ``s52``: on the
+    inputs, the outputs and every value that carries the same symbol."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    rename: dict[str, str] = {}
+    for value, info in zip([*graph.input, *graph.output], [*program.inputs, *program.outputs], strict=True):
+        for dim, symbol in zip(value.type.tensor_type.shape.dim, info.shape, strict=True):
+            if isinstance(symbol, str) and dim.HasField("dim_param"):
+                rename.setdefault(dim.dim_param, symbol)
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+    onnx.save(model, str(path))
 
 
 class OrtRunner(Runner):

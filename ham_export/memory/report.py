@@ -102,6 +102,7 @@ class MemoryReport:
     budget: BudgetChoice | None = None
     policy_comparison: dict[str, Any] | None = None
     verification: list[dict[str, Any]] | None = None
+    engine: dict[str, Any] | None = None  # a TensorRT artifact's device memory (ham_export.memory.engine)
     backends: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,6 +115,7 @@ class MemoryReport:
             "budget": None if self.budget is None else self.budget.to_dict(),
             "policy_comparison": self.policy_comparison,
             "verification": self.verification,
+            "engine": self.engine,
             "backends": self.backends,
         }
 

@@ -3,11 +3,13 @@
 - ONNX Runtime: ``libham_ort_ops.so`` (``runtimes/onnxruntime``), domain ``ham.ai``, built by
   ``bash scripts/build-ort-ops.sh``;
 - libtorch: ``libham_torch_ops.so`` (``runtimes/libtorch``), namespace ``ham``, for C++ processes, built by
-  ``bash scripts/build-torch-ops.sh``.
+  ``bash scripts/build-torch-ops.sh``;
+- TensorRT: ``libham_trt_plugins.so`` (``plugins_trt/cpp``), the IPluginV3 plugins in namespace ``ham_cpp``, built
+  by ``bash scripts/build-trt-plugins.sh`` where TensorRT's headers are.
 
 A library is found, in order: at the file its environment variable names (``HAM_ORT_OPS_LIB``,
-``HAM_TORCH_OPS_LIB``), then next to the installed package, in ``ham_export/lib/`` (where the build scripts put it,
-and so what a wheel built after them carries). Otherwise :meth:`OpLibrary.require` raises an
+``HAM_TORCH_OPS_LIB``, ``HAM_TRT_PLUGINS_LIB``), then next to the installed package, in ``ham_export/lib/`` (where
+the build scripts put it, and so what a wheel built after them carries). Otherwise :meth:`OpLibrary.require` raises an
 :class:`OpLibraryError` that names the place it looked and the build command.
 """
 
@@ -61,6 +63,7 @@ class OpLibrary:
 
 ORT = OpLibrary("libham_ort_ops.so", "HAM_ORT_OPS_LIB", "bash scripts/build-ort-ops.sh", "ONNX Runtime")
 TORCH = OpLibrary("libham_torch_ops.so", "HAM_TORCH_OPS_LIB", "bash scripts/build-torch-ops.sh", "libtorch")
+TRT = OpLibrary("libham_trt_plugins.so", "HAM_TRT_PLUGINS_LIB", "bash scripts/build-trt-plugins.sh", "TensorRT")
 
 
 def ort_session_options(options: onnxruntime.SessionOptions | None = None, *,

@@ -162,8 +162,8 @@ class OpSpec:
 
     def check(self, inputs: Sequence[Any], attributes: Mapping[str, str] | None = None, *,
               float_dtypes: Sequence[torch.dtype] = FLOAT_DTYPES, values: bool | None = None,
-              require: Callable[[Any, Callable[[], str]], None] | None = None, prefix: str | None = None
-              ) -> dict[str, Any]:
+              require: Callable[[Any, Callable[[], str]], None] | None = None, prefix: str | None = None,
+              bool_dtype: torch.dtype = torch.bool) -> dict[str, Any]:
         """Check one call's inputs (torch tensors, in spec order) and attributes against the preconditions.
 
         Args:
@@ -174,6 +174,8 @@ class OpSpec:
                 :class:`~ham_export.errors.InputError`. The fake kernels pass ``torch._check``-like, so that symbolic
                 sizes become guards.
             prefix: the op name in messages (default ``ham::<torch_name>``).
+            bool_dtype: the dtype that stands for a bool input (``torch.int32`` for the TensorRT plugins, which take
+                no bool I/O).
 
         Returns:
             the size of every letter, e.g. ``{"B": 2, "H": 4, ...}`` (SymInts under tracing).
@@ -202,8 +204,9 @@ class OpSpec:
                     fail(x.dtype == float_input[1], lambda where=where, x=x, f=float_input: (
                         f"{where} is {dtype_name(x.dtype)}, expected {dtype_name(f[1])} like input '{f[0]}'"))
             else:
-                fail(x.dtype == getattr(torch, arg.dtype), lambda where=where, x=x, arg=arg: (
-                    f"{where} is {dtype_name(x.dtype)}, expected {arg.dtype}"))
+                want = bool_dtype if arg.dtype == "bool" else getattr(torch, arg.dtype)
+                fail(x.dtype == want, lambda where=where, x=x, want=want: (
+                    f"{where} is {dtype_name(x.dtype)}, expected {dtype_name(want)}"))
             # rank and sizes
             shape = tuple(x.shape)
             fail(len(shape) == len(arg.shape), lambda where=where, shape=shape, arg=arg: (

@@ -57,9 +57,10 @@ __device__ __forceinline__ bool ValidLength(int64_t length, int64_t capacity) {
 // ---------------------------------------------------------------------------------------------------------------
 // CacheAttention: one block per (t, h, b); keys in chunks of kThreads with an online softmax.
 // Shared memory: q [K], acc [V], weights [kThreads], reduction scratch [kThreads / 32].
-template <typename T>
+// M: the routed mask's element type, bool (ONNX Runtime) or int32_t (TensorRT, whose plugins take no bool).
+template <typename T, typename M>
 __global__ void CacheAttentionKernel(CacheAttentionDims d, const T* q, const T* k_cache, const T* v_cache,
-                                     const int64_t* length, const T* k, const T* v, const bool* routed, const T* scale,
+                                     const int64_t* length, const T* k, const T* v, const M* routed, const T* scale,
                                      T* o) {
   extern __shared__ float shared[];
   const int64_t t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -97,7 +98,7 @@ __global__ void CacheAttentionKernel(CacheAttentionDims d, const T* q, const T* 
         key = kc + j * d.K;
         valid = true;
       } else {
-        valid = routed[b * d.T + (j - len)];
+        valid = routed[b * d.T + (j - len)] != 0;
         key = kn + (j - len) * d.K;
       }
       if (valid) {
@@ -150,9 +151,9 @@ __device__ __forceinline__ bool Lower(const Lowest& a, const Lowest& b) {
   return a.slot < b.slot;  // ties: the first slot
 }
 
-template <typename T>
+template <typename T, typename M>
 __global__ void CacheAppendKernel(CacheAppendDims d, Policy policy, const int64_t* length, const T* k, const T* v,
-                                  const T* score, const bool* routed, T* k_out, T* v_out, T* s_out, int64_t* length_out,
+                                  const T* score, const M* routed, T* k_out, T* v_out, T* s_out, int64_t* length_out,
                                   int64_t* overflow) {
   __shared__ Lowest lowest[kThreads];
   const int64_t b = blockIdx.x;
@@ -167,7 +168,7 @@ __global__ void CacheAppendKernel(CacheAppendDims d, Policy policy, const int64_
   int64_t len = length[b];
   int64_t over = 0;
   for (int64_t t = 0; t < d.T; ++t) {
-    if (!routed[b * d.T + t]) continue;
+    if (routed[b * d.T + t] == 0) continue;
     int64_t slot = -1;
     if (len < d.C) {
       slot = len++;
@@ -269,14 +270,14 @@ const char* LastError() {
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
 }
 
-template <typename T>
+template <typename T, typename M>
 const char* CacheAttentionT(const CacheAttentionDims& d, const void* q, const void* k_cache, const void* v_cache,
-                            const int64_t* length, const void* k, const void* v, const bool* routed, const void* scale,
+                            const int64_t* length, const void* k, const void* v, const M* routed, const void* scale,
                             void* o, cudaStream_t stream) {
   if (d.B == 0 || d.H == 0 || d.T == 0 || d.V == 0) return nullptr;
   if (d.H > 65535 || d.B > 65535) return "CacheAttention (CUDA): B and H must be at most 65535";
   const size_t shared = sizeof(float) * static_cast<size_t>(d.K + d.V + kThreads + kThreads / kWarp);
-  auto kernel = CacheAttentionKernel<T>;
+  auto kernel = CacheAttentionKernel<T, M>;
   if (shared > 48 * 1024) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)) !=
         cudaSuccess) {
@@ -295,17 +296,17 @@ const char* CopyUnlessShared(const void* in, void* out, size_t bytes, cudaStream
   return cudaMemcpyAsync(out, in, bytes, cudaMemcpyDeviceToDevice, stream) == cudaSuccess ? nullptr : LastError();
 }
 
-template <typename T>
+template <typename T, typename M>
 const char* CacheAppendT(const CacheAppendDims& d, Policy policy, const void* k_cache, const void* v_cache,
                          const void* score_cache, const int64_t* length, const void* k, const void* v,
-                         const void* score, const bool* routed, void* k_out, void* v_out, void* s_out,
-                         int64_t* length_out, int64_t* overflow, cudaStream_t stream) {
+                         const void* score, const M* routed, void* k_out, void* v_out, void* s_out, int64_t* length_out,
+                         int64_t* overflow, cudaStream_t stream) {
   const size_t cache = static_cast<size_t>(d.B * d.H * d.C);
   const char* error = CopyUnlessShared(k_cache, k_out, sizeof(T) * cache * d.K, stream);
   if (!error) error = CopyUnlessShared(v_cache, v_out, sizeof(T) * cache * d.V, stream);
   if (!error) error = CopyUnlessShared(score_cache, s_out, sizeof(T) * d.B * d.C, stream);
   if (error || d.B == 0) return error;
-  CacheAppendKernel<T><<<static_cast<unsigned>(d.B), kThreads, 0, stream>>>(
+  CacheAppendKernel<T, M><<<static_cast<unsigned>(d.B), kThreads, 0, stream>>>(
       d, policy, length, static_cast<const T*>(k), static_cast<const T*>(v), static_cast<const T*>(score), routed,
       static_cast<T*>(k_out), static_cast<T*>(v_out), static_cast<T*>(s_out), length_out, overflow);
   return LastError();
@@ -331,23 +332,55 @@ const char* GdnPrefillT(const GdnDims& d, const void* q, const void* k, const vo
 
 }  // namespace
 
+template <typename M>
+const char* CacheAttentionM(DType dtype, const CacheAttentionDims& d, const void* q, const void* k_cache,
+                            const void* v_cache, const int64_t* length, const void* k, const void* v, const M* routed,
+                            const void* scale, void* o, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  return dtype == DType::kFloat32
+             ? CacheAttentionT<float, M>(d, q, k_cache, v_cache, length, k, v, routed, scale, o, s)
+             : CacheAttentionT<__half, M>(d, q, k_cache, v_cache, length, k, v, routed, scale, o, s);
+}
+
+template <typename M>
+const char* CacheAppendM(DType dtype, const CacheAppendDims& d, Policy policy, const void* k_cache, const void* v_cache,
+                         const void* score_cache, const int64_t* length, const void* k, const void* v,
+                         const void* score, const M* routed, void* k_out, void* v_out, void* s_out, int64_t* length_out,
+                         int64_t* overflow, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  return dtype == DType::kFloat32
+             ? CacheAppendT<float, M>(d, policy, k_cache, v_cache, score_cache, length, k, v, score, routed, k_out,
+                                      v_out, s_out, length_out, overflow, s)
+             : CacheAppendT<__half, M>(d, policy, k_cache, v_cache, score_cache, length, k, v, score, routed, k_out,
+                                       v_out, s_out, length_out, overflow, s);
+}
+
 const char* CacheAttention(DType dtype, const CacheAttentionDims& d, const void* q, const void* k_cache,
                            const void* v_cache, const int64_t* length, const void* k, const void* v, const bool* routed,
                            const void* scale, void* o, void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
-  return dtype == DType::kFloat32 ? CacheAttentionT<float>(d, q, k_cache, v_cache, length, k, v, routed, scale, o, s)
-                                  : CacheAttentionT<__half>(d, q, k_cache, v_cache, length, k, v, routed, scale, o, s);
+  return CacheAttentionM(dtype, d, q, k_cache, v_cache, length, k, v, routed, scale, o, stream);
+}
+
+const char* CacheAttention(DType dtype, const CacheAttentionDims& d, const void* q, const void* k_cache,
+                           const void* v_cache, const int64_t* length, const void* k, const void* v,
+                           const int32_t* routed, const void* scale, void* o, void* stream) {
+  return CacheAttentionM(dtype, d, q, k_cache, v_cache, length, k, v, routed, scale, o, stream);
 }
 
 const char* CacheAppend(DType dtype, const CacheAppendDims& d, Policy policy, const void* k_cache, const void* v_cache,
                         const void* score_cache, const int64_t* length, const void* k, const void* v, const void* score,
                         const bool* routed, void* k_out, void* v_out, void* s_out, int64_t* length_out,
                         int64_t* overflow, void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
-  return dtype == DType::kFloat32 ? CacheAppendT<float>(d, policy, k_cache, v_cache, score_cache, length, k, v, score,
-                                                        routed, k_out, v_out, s_out, length_out, overflow, s)
-                                  : CacheAppendT<__half>(d, policy, k_cache, v_cache, score_cache, length, k, v, score,
-                                                         routed, k_out, v_out, s_out, length_out, overflow, s);
+  return CacheAppendM(dtype, d, policy, k_cache, v_cache, score_cache, length, k, v, score, routed, k_out, v_out, s_out,
+                      length_out, overflow, stream);
+}
+
+const char* CacheAppend(DType dtype, const CacheAppendDims& d, Policy policy, const void* k_cache, const void* v_cache,
+                        const void* score_cache, const int64_t* length, const void* k, const void* v, const void* score,
+                        const int32_t* routed, void* k_out, void* v_out, void* s_out, int64_t* length_out,
+                        int64_t* overflow, void* stream) {
+  return CacheAppendM(dtype, d, policy, k_cache, v_cache, score_cache, length, k, v, score, routed, k_out, v_out, s_out,
+                      length_out, overflow, stream);
 }
 
 const char* GdnPrefill(DType dtype, const GdnDims& d, const void* q, const void* k, const void* v, const void* g,

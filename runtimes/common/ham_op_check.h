@@ -48,7 +48,7 @@ class OpCheck {
         Fail(where + " is " + dtype + ", expected " + float_dtype_ + " like input '" + float_name_ + "'");
       }
     } else {
-      const char* expected = arg.kind == spec::Kind::kInt64 ? "int64" : "bool";
+      const std::string expected = arg.kind == spec::Kind::kInt64 ? "int64" : bool_dtype_;
       if (dtype != expected) Fail(where + " is " + dtype + ", expected " + expected);
     }
     const std::string letters = arg.letters;
@@ -71,6 +71,9 @@ class OpCheck {
       }
     }
   }
+
+  // The dtype that stands for a bool input: "bool", or "int32" for the TensorRT plugins (no bool plugin I/O).
+  void BoolAs(std::string dtype) { bool_dtype_ = std::move(dtype); }
 
   // The size of a shape letter, once an input that has it was checked.
   int64_t operator[](char letter) const { return dims_[Index(letter)].size; }
@@ -134,6 +137,7 @@ class OpCheck {
   std::vector<std::string> float_dtypes_;
   std::string float_dtype_;
   std::string float_name_;
+  std::string bool_dtype_ = "bool";
   Dim dims_[32];
 };
 

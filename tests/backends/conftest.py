@@ -30,6 +30,8 @@ VARIANTS: dict[str, list[tuple[str, dict, str | None]]] = {
     "aotinductor": [("aotinductor", {}, "model.pt2")],
     "tvm": [("tvm", {}, None)],
     "triton": [("triton", {}, None)],
+    "tensorrt": [("tensorrt-qdp", {"plugins": "qdp", "dtype": "fp32"}, None),
+                 ("tensorrt-cpp", {"plugins": "cpp", "dtype": "fp32"}, None)],
 }
 """backend -> [(variant id, builder options, package file name or None for a folder)]"""
 

@@ -20,7 +20,8 @@ from ham_export.errors import InputError
 from ..conftest import make_small_model
 from .conftest import small_prompts
 
-BACKENDS = {"torch.export": "torch", "onnxruntime": "onnx", "aotinductor": "native", "tvm": "tvm", "triton": "triton"}
+BACKENDS = {"torch.export": "torch", "onnxruntime": "onnx", "aotinductor": "native", "tvm": "tvm", "triton": "triton",
+            "tensorrt": "trt"}
 
 
 @pytest.fixture(scope="module")

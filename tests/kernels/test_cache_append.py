@@ -230,6 +230,6 @@ def test_kernel_compiles_for_hopper(dtype, evict, block_t):
     compile_for_hopper("ham_export.kernels.cache_append", {
         "_cache_append_kernel": (
             dict(k_cache_ptr=dtype, v_cache_ptr=dtype, score_cache_ptr=dtype, length_ptr="*i64", k_ptr=dtype,
-                 v_ptr=dtype, score_ptr=dtype, routed_ptr="*u8", overflow_ptr="*i64"),
+                 v_ptr=dtype, score_ptr=dtype, routed_ptr="*u8", new_length_ptr="*i64", overflow_ptr="*i64"),
             dict(EVICT=evict, BLOCK_T=block_t, BLOCK_C=ka.BLOCK_C, BLOCK_K=128, BLOCK_V=128, INVALID=-1)),
     })

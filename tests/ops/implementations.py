@@ -16,7 +16,9 @@ The implementations: ``reference`` (and its in-place form), ``torch-op`` (``torc
 output), ``onnx-standard`` (the standard-op ONNX translation in ONNX Runtime), ``libtorch`` (the libtorch op
 library, in a worker process that never imports ham_export; and its in-place op), ``triton`` (the kernels under
 ``TRITON_INTERPRET=1``; decode and prompt attention kernels apart; the append functional and in place), ``tir``
-(the TVM TIR kernels compiled for llvm; the append in place).
+(the TVM TIR kernels compiled for llvm; the append in place), ``trt-launch`` (the TensorRT plugins' entry kernels
+in TensorRT's ABI, :mod:`ham_export.plugins_trt.launch`, launched by Triton under the interpreter; the append with
+its caches as aliased outputs, and in place).
 """
 
 from __future__ import annotations
@@ -374,6 +376,53 @@ def _triton_gdn(inputs, attributes, _):
     return list(_kernel("gdn").gdn_chunked(*inputs))
 
 
+# ------------------------------------------------------------------------------------ TensorRT plugin kernels
+
+
+def _trt_launch_call(op: str, inputs, outputs, attributes) -> None:
+    """The op's TensorRT plugin kernel (the QDP's entry kernel, in TensorRT's ABI) launched by Triton under the
+    interpreter: routed as int32, every tensor contiguous, as TensorRT hands them to a plugin."""
+    from ham_export.plugins_trt.launch import launch_for
+
+    inputs = [x.to(torch.int32) if x.dtype == torch.bool else x for x in inputs]
+    launch_for(SPECS[op].name, inputs, attributes or None, interpreted=True).run(inputs, outputs, attributes or None)
+
+
+def _empty_like_outputs(op: str, inputs) -> list[torch.Tensor]:
+    """The op's outputs, empty (sizes from the inputs where they agree; a bad input fails the launch's check)."""
+    spec = SPECS[op]
+    d = {letter: size for arg, x in zip(spec.inputs, inputs, strict=False) for letter, size in zip(arg.shape, x.shape,
+                                                                                                   strict=False)}
+    return [torch.empty([d.get(letter, 1) for letter in arg.shape],
+                        dtype=inputs[0].dtype if arg.dtype == "T" else torch.int64) for arg in spec.outputs]
+
+
+def _trt_launch(op):
+    def call(inputs, attributes, _):
+        inputs = [x.contiguous() for x in inputs]
+        if op == "cache_append":  # the caches are aliased outputs: the output buffers hold the inputs
+            outputs = [x.clone() for x in inputs[:3]] + [torch.empty_like(inputs[3]) for _ in range(2)]
+        else:
+            outputs = _empty_like_outputs(op, inputs)
+        _trt_launch_call(op, inputs, outputs, attributes)
+        return outputs
+    return call
+
+
+def _trt_launch_in_place(inputs, attributes, _):
+    """CacheAppend with each cache bound as its own output (one buffer, as TensorRT binds an aliased output); the
+    length comes back as a separate output and is copied over the input's."""
+    caches = [x if x.is_contiguous() else x.contiguous() for x in inputs[:3]]
+    rest = [x.contiguous() for x in inputs[3:]]
+    length_out, overflow = torch.empty_like(inputs[3]), torch.empty_like(inputs[3])
+    _trt_launch_call("cache_append", [*caches, *rest], [*caches, length_out, overflow], attributes)
+    for given, used in zip(inputs[:3], caches, strict=True):
+        if given is not used:
+            given.copy_(used)
+    inputs[3].copy_(length_out)
+    return overflow
+
+
 # ----------------------------------------------------------------------------------------------------------- TIR
 
 
@@ -447,6 +496,8 @@ IMPLEMENTATIONS: dict[str, list[Impl]] = {
         Impl("triton-prefill", "cache_attention", _triton_prefill, refuses_on_device=True, requires=_triton_missing),
         Impl("tir", "cache_attention", _tir("cache_attention"), (torch.float32,), host_checks=False,
              refuses_on_device=True, requires=_tvm_missing),
+        Impl("trt-launch", "cache_attention", _trt_launch("cache_attention"), host_checks=False,
+             refuses_on_device=True, requires=_triton_missing),
     ],
     "cache_append": [
         Impl("reference", "cache_append", _reference("cache_append")),
@@ -467,6 +518,10 @@ IMPLEMENTATIONS: dict[str, list[Impl]] = {
              requires=_triton_missing),
         Impl("tir-in-place", "cache_append", _tir_append_in_place, (torch.float32,), in_place=True,
              host_checks=False, refuses_on_device=True, requires=_tvm_missing),
+        Impl("trt-launch", "cache_append", _trt_launch("cache_append"), host_checks=False, refuses_on_device=True,
+             requires=_triton_missing),
+        Impl("trt-launch-in-place", "cache_append", _trt_launch_in_place, in_place=True, host_checks=False,
+             refuses_on_device=True, requires=_triton_missing),
     ],
     "gdn_prefill": [
         Impl("reference", "gdn_prefill", _reference("gdn_prefill")),
@@ -476,5 +531,6 @@ IMPLEMENTATIONS: dict[str, list[Impl]] = {
         Impl("libtorch", "gdn_prefill", _libtorch("gdn_prefill"), FP32_FP16, requires=_libtorch_missing),
         Impl("triton", "gdn_prefill", _triton_gdn, requires=_triton_missing),
         Impl("tir", "gdn_prefill", _tir("gdn_prefill"), (torch.float32,), requires=_tvm_missing),
+        Impl("trt-launch", "gdn_prefill", _trt_launch("gdn_prefill"), requires=_triton_missing),
     ],
 }
