@@ -1,14 +1,16 @@
 """The ONNX Runtime backend: ``prefill.onnx`` and ``decode.onnx``, run in ONNX Runtime on the CPU.
 
-Two op forms (``--ops``): ``custom`` keeps the HAM ops as ``ham.ai`` nodes, run by the op library of
-``runtimes/onnxruntime`` (:data:`ham_export.ops.libraries.ORT`); ``standard`` lowers them to standard ONNX ops, for
-any runtime with no op library. Both pass ``onnx.checker`` with ``full_check``.
+Three op forms (``--ops``, :mod:`ham_export.ops.onnx`): ``custom`` keeps the HAM ops as ``ham.ai`` nodes, run by
+the op library of ``runtimes/onnxruntime`` (:data:`ham_export.ops.libraries.ORT`); ``standard`` lowers them to the
+opset-27 ops ONNX standardized for this model family (LinearAttention, Attention, TensorScatter), run by a stock ONNX
+Runtime >= 1.32; ``portable`` lowers them to opset-18 ops (Scan, Loop, ...), for runtimes without those. All pass
+``onnx.checker`` with ``full_check``; the manifest records the form and its opset.
 
-The runner keeps its state as numpy-backed CPU tensors. With the custom ops under the drop policy, decode binds each
-cache's input and output to one buffer (IOBinding), so that a step writes only the new entries instead of copying the
-caches. Under ``evict`` a full cache is overwritten below the old length, which the attention of the same step may
-still read, so decode copies; the length itself is read by CacheAttention, which ONNX Runtime may schedule after
-CacheAppend, so it is never shared.
+The runner keeps its state as numpy-backed CPU tensors. Under the drop policy, with the custom or the standard ops,
+decode binds each cache's input and output to one buffer (IOBinding), so that a step writes only the new entries
+(CacheAppend, or TensorScatter, in place) instead of copying the caches. Under ``evict`` a full cache is overwritten
+below the old length, which the attention of the same step may still read, so decode copies; the length itself is
+read by the attention, which ONNX Runtime may schedule after the append, so it is never shared.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from ..core.model import HAMLM
 from ..errors import InputError
 from ..ops.libraries import ORT
+from ..ops.onnx import OPSETS
 from ..ops.spec import ONNX_DOMAIN, ONNX_DOMAIN_VERSION
 from . import artifact, register
 from .base import Backend, Option, Output, Runner, split_outputs
@@ -29,7 +32,8 @@ from .programs import HEAD_OUTPUTS, export_programs, program_table, state_names
 
 log = logging.getLogger(__name__)
 NAME = "onnxruntime"
-OPS_FORMS = ("custom", "standard")
+OPS_FORMS = ("custom", "standard", "portable")
+IN_PLACE_FORMS = ("custom", "standard")
 SHARED_FIELDS = ("k_cache", "v_cache", "score_cache")
 
 
@@ -40,7 +44,8 @@ def build(model: HAMLM, out: str | Path, capacity: int, policy: str = "drop", so
     out = Path(out)
     programs = export_onnx(model, out, capacity, policy, ops, dtype)
     library = ORT.to_manifest(domain=ONNX_DOMAIN, version=ONNX_DOMAIN_VERSION) if ops == "custom" else None
-    artifact.manifest(NAME, model, capacity, policy, dtype, programs, source, ops=ops, op_library=library).write(out)
+    artifact.manifest(NAME, model, capacity, policy, dtype, programs, source, ops=ops, opset=OPSETS[ops],
+                      op_library=library).write(out)
     log.info("wrote ONNX programs (%s ops, %s) to %s", ops, dtype, out)
     return out
 
@@ -52,7 +57,7 @@ def export_onnx(model: HAMLM, out: Path, capacity: int, policy: str, ops: str, d
     table. Shared with the TensorRT backend, which rewrites the custom-op form."""
     import onnx
 
-    from ..ops.onnx import register_schemas, translation_table
+    from ..ops.onnx import export_options, finish, register_schemas
 
     if ops not in OPS_FORMS:
         raise InputError(f"--ops must be one of {', '.join(OPS_FORMS)}, got {ops!r}")
@@ -70,8 +75,9 @@ def export_onnx(model: HAMLM, out: Path, capacity: int, policy: str, ops: str, d
         inputs, outputs = names[name]
         with artifact.quiet_exporter():
             onnx_program = torch.onnx.export(program, f=None, dynamo=True, input_names=inputs,
-                                             output_names=outputs, custom_translation_table=translation_table(ops),
-                                             verbose=False, optimize=True)
+                                             output_names=outputs, verbose=False, optimize=True,
+                                             **export_options(ops))
+        finish(onnx_program.model, ops)
         onnx_program.save(str(out / files[name]), external_data=large)
     programs = program_table(model, capacity, dtype, files)
     for name, program in programs.items():
@@ -99,6 +105,18 @@ def name_dynamic_dims(path: Path, program) -> None:
     onnx.save(model, str(path))
 
 
+def op_form(manifest: Manifest) -> str:
+    """The artifact's op form. ``standard`` with no ``opset`` is a manifest written before the opset-27 form: its
+    graph is the opset-18 form, now called ``portable``."""
+    ops = manifest.options.get("ops") or "custom"
+    return "portable" if ops == "standard" and manifest.options.get("opset") is None else ops
+
+
+def shares_caches(manifest: Manifest) -> bool:
+    """Whether decode binds each cache as both input and output (the module docstring says when)."""
+    return op_form(manifest) in IN_PLACE_FORMS and manifest.policy == "drop"
+
+
 class OrtRunner(Runner):
     """The ONNX programs in ONNX Runtime (CPU), with the ``ham.ai`` op library when the graph needs it."""
 
@@ -108,7 +126,7 @@ class OrtRunner(Runner):
         super().__init__(manifest)
         self.sessions: dict = {}
         self.uses_library = manifest.options.get("op_library") is not None
-        self.share_buffers = share_buffers and self.uses_library and manifest.policy == "drop"
+        self.share_buffers = share_buffers and shares_caches(manifest)
         self.past = state_names(self.n_layers, "past")
         self.present = state_names(self.n_layers, "present")
 
@@ -128,7 +146,7 @@ class OrtRunner(Runner):
                 self.sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             except Exception as exc:  # ONNX Runtime raises its own classes for bad files and unknown ops
                 raise ArtifactError(f"ONNX Runtime cannot load {path}: {str(exc).strip()[:500]}") from None
-        log.info("onnxruntime runner: ops=%s, share_buffers=%s", self.manifest.options.get("ops"), self.share_buffers)
+        log.info("onnxruntime runner: ops=%s, share_buffers=%s", op_form(self.manifest), self.share_buffers)
 
     def _release(self) -> None:
         self.sessions = {}
@@ -160,7 +178,8 @@ class OrtRunner(Runner):
         fresh = [name for name in (*HEAD_OUTPUTS, *self.present) if name.rsplit(".", 1)[-1] not in SHARED_FIELDS]
         for name in fresh:  # bound first: get_outputs returns outputs in binding order
             binding.bind_output(name, "cpu")
-        # Each cache is bound as both input and output: CacheAppend writes the new entries in place.
+        # Each cache is bound as both input and output: CacheAppend (or TensorScatter) writes the new entries in
+        # place.
         for past, present in zip(self.past, self.present, strict=True):
             if present.rsplit(".", 1)[-1] in SHARED_FIELDS:
                 value = feeds[past]
@@ -191,10 +210,12 @@ BACKEND = register(Backend(
     build=build, runner=OrtRunner, requires=_requires,
     options=(
         Option("ops", "--ops", "custom", "custom: ham.ai nodes run by the op library of runtimes/onnxruntime; "
-                                         "standard: standard ONNX ops only, for any runtime.", OPS_FORMS),
+                                         "standard: opset-27 ONNX ops only (LinearAttention, Attention, "
+                                         "TensorScatter), no op library; portable: opset-18 ops only, for runtimes "
+                                         "without opset 27.", OPS_FORMS),
         Option("dtype", "--dtype", "fp32", "The dtype of the weights, activations and state.", ("fp32", "fp16")),
     ),
-    manifest_keys={"ops": str, "op_library": dict},
+    manifest_keys={"ops": str, "opset": int, "op_library": dict},
     memory="ONNX Runtime (CPU): state + the step's activations, + a transient copy of the caches when they are not "
            "shared in place (see ham_export.memory.sizes.ort_decode_workspace_bytes); weights once per program",
 ))

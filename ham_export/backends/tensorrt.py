@@ -10,7 +10,7 @@ aliased-plugin-I/O preview feature, so that the caches are updated in place. Plu
   engine (TensorRT 10.9+, not 10.14.x): the engine runs under the plain C++ runtime, no plugin library;
 - ``cpp``: the IPluginV3 library ``libham_trt_plugins.so`` (``bash scripts/build-trt-plugins.sh``), which every
   process that builds or loads the engine must load (``trtexec --dynamicPlugins``);
-- ``none``: the standard-op form for TensorRT 11, which waits for the opset-27 ONNX issue (refused for now).
+- ``none``: refused: the opset-27 ONNX form needs ``LinearAttention``, which TensorRT's parser does not document.
 
 ``--prepare-only`` writes everything that needs no TensorRT: the rewritten ONNX, the PTX of each plugin for
 ``--arch``, the manifest draft and ``build_engines.sh``, which finishes the folder on a TensorRT machine. Without
@@ -48,8 +48,9 @@ ONNX_FILES = {"prefill": "prefill.trt.onnx", "decode": "decode.trt.onnx"}
 ENGINE_FILES = {"prefill": "prefill.plan", "decode": "decode.plan"}
 ALIASED_FIELDS = ("k_cache", "v_cache", "score_cache")  # the caches a decode step writes in place
 BUILD_SCRIPT = "build_engines.sh"
-NONE_REFUSED = ("--plugins none needs the standard-op ONNX form for TensorRT 11 (TensorScatter for the cache, "
-                "Attention with a mask), which is not built yet; use --plugins qdp or cpp")
+NONE_REFUSED = ("--plugins none is not offered: the opset-27 ONNX form (ham-export onnx --ops standard) runs in ONNX "
+                "Runtime, but TensorRT's parser documents no LinearAttention, which it needs for a prompt; use "
+                "--plugins qdp or cpp")
 INSTALL = ("TensorRT is not installed: pip install tensorrt --extra-index-url https://pypi.nvidia.com (10.9 or newer "
            "for --plugins qdp) on a machine with a CUDA GPU; or add --prepare-only to write the rewritten ONNX, the "
            "PTX and a build script to finish there")
@@ -366,7 +367,8 @@ BACKEND = register(Backend(
                                            "strongly typed).", ("fp32", "fp16")),
         Option("plugins", "--plugins", "qdp", "qdp: Quickly Deployable Plugins, Triton kernels as PTX inside the "
                                               "engine (TensorRT 10.9+); cpp: the IPluginV3 library "
-                                              "libham_trt_plugins.so; none: standard ops only (not built yet).",
+                                              "libham_trt_plugins.so; none: standard ops only (refused: TensorRT's "
+                                              "parser documents no LinearAttention).",
                PLUGIN_MODES),
         Option("max_batch", "--max-batch", 8, "The largest batch of the engines' profiles.", type=int),
         Option("max_prompt", "--max-prompt", 512, "The longest prompt of the prefill engine's profile.", type=int),

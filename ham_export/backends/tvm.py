@@ -180,15 +180,15 @@ def build(model: HAMLM, out: str | Path, capacity: int, policy: str = "drop", so
           target: str = "llvm", from_form: str = "exported") -> Path:
     """Compile the prefill and decode programs with TVM; write ``prefill.so``, ``decode.so`` and the manifest.
 
-    ``from_form="exported"`` imports the ``torch.export`` programs. ``"onnx"`` is refused: the standard-op ONNX
-    prefill graph holds Scan/Loop nodes that TVM's ONNX importer lacks, and the custom-op graph holds ham.ai nodes
-    it cannot convert.
+    ``from_form="exported"`` imports the ``torch.export`` programs. ``"onnx"`` is refused: TVM's ONNX importer has
+    no converter for the opset-27 form's LinearAttention and TensorScatter, nor for the opset-18 form's Scan/Loop,
+    nor for the custom form's ham.ai nodes (docs/tvm.md).
     """
     if from_form not in SOURCES:
         raise InputError(f"--from must be one of {', '.join(SOURCES)}, got {from_form!r}")
     if from_form == "onnx":
-        raise InputError("--from onnx is not supported: TVM's ONNX importer has no Scan/Loop (used by the "
-                         "standard-op prefill graph) and no ham.ai ops; use --from exported")
+        raise InputError("--from onnx is not supported: TVM's ONNX importer has no LinearAttention or TensorScatter "
+                         "(--ops standard), no Scan/Loop (--ops portable) and no ham.ai ops; use --from exported")
     artifact.check_options(capacity, policy)
     tvm = require_tvm()
     tvm_target = resolve_target(target)
@@ -303,7 +303,7 @@ BACKEND = register(Backend(
         Option("target", "--target", "llvm", "TVM target: llvm (this CPU), cuda (an NVIDIA H100, sm_90; compiles "
                                              "without a GPU) or a TVM target tag such as nvidia/nvidia-a100."),
         Option("from_form", "--from", "exported", "What to import: the torch.export programs (onnx is refused: TVM "
-                                                  "cannot import its Scan/Loop).", SOURCES),
+                                                  "cannot import any ONNX form's HAM ops).", SOURCES),
     ),
     manifest_keys={"ops": str, "target": str, "device": str, "entry": str, "tvm_version": str, "in_place": list},
     memory="TVM (Relax VM): not modelled; decode writes the new cache rows in place (call_tir_inplace), so a step "

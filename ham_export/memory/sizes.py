@@ -119,9 +119,9 @@ def ort_decode_workspace_bytes(cfg: HAMConfig, batch: int, capacity: int, dtype:
     """The transient memory of one decode step of :class:`ham_export.backends.onnxruntime.OrtRunner`, over the state
     it holds.
 
-    With ``shared_caches`` (custom ops under the drop policy) each cache is bound as both input and output and
-    written in place, so a step adds only its activations; otherwise the step's cache outputs are new tensors
-    beside its inputs, a second copy of every cache.
+    With ``shared_caches`` (custom or standard ops under the drop policy) each cache is bound as both input and
+    output and written in place, so a step adds only its activations; otherwise the step's cache outputs are new
+    tensors beside its inputs, a second copy of every cache.
     """
     cache = 0 if shared_caches else cfg.n_layers * layer_state_bytes(cfg, batch, capacity, dtype).cache
     return cache + step_activation_bytes(cfg, batch, capacity, dtype)

@@ -90,6 +90,7 @@ def verify_ort(artifact: str | Path, data: bytes, context: int, thresholds: list
     ``expected_fill``: per threshold, the predicted cache entries per layer at ``context`` (from the memory
     report), compared with the lengths reached (capped at the artifact's capacity)."""
     from ..backends import read_manifest
+    from ..backends.onnxruntime import shares_caches
 
     manifest = read_manifest(artifact)
     directory = manifest.directory
@@ -103,8 +104,7 @@ def verify_ort(artifact: str | Path, data: bytes, context: int, thresholds: list
                          f"context={context}")
     cfg, capacity, dtype = manifest.model, manifest.capacity, manifest.dtype
     state = mem.estimate(cfg, 0, batch, capacity, dtype, workspace=False)
-    shared = manifest.options.get("op_library") is not None and manifest.policy == "drop"  # as OrtRunner decides
-    workspace = mem.ort_decode_workspace_bytes(cfg, batch, capacity, dtype, shared)
+    workspace = mem.ort_decode_workspace_bytes(cfg, batch, capacity, dtype, shares_caches(manifest))
     results = []
     for threshold in thresholds:
         with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -1,18 +1,48 @@
-"""ONNX translations of the HAM custom ops, in two forms, for ``torch.onnx.export(..., dynamo=True)``.
+"""ONNX translations of the HAM custom ops, in three forms, for ``torch.onnx.export(..., dynamo=True)``.
 
 ``form="custom"`` emits one node per op in the ``ham.ai`` domain (version 1), with the spec's attributes; it runs
 where the HAM op library is loaded (ONNX Runtime custom ops, TensorRT plugins). ``form="standard"`` emits only
-standard ONNX ops (opset 18 semantics: export at opset >= 18; torch's default is 20), so the graph runs in a stock
-ONNX Runtime and imports into TensorRT's parser with no plugin. Both follow :mod:`ham_export.ops.spec` and compute what
-:mod:`ham_export.ops.reference` computes, with the reference's argument order and names.
+default-domain ops of opset 27, the ops ONNX standardized for Gated DeltaNet hybrids (``LinearAttention``,
+``Attention``, ``TensorScatter``), so the graph runs in a stock ONNX Runtime >= 1.32 with no op library.
+``form="portable"`` emits only opset-18 ops (``Scan``, ``Loop``, ``GatherND``, ...) for runtimes without those.
+Every form follows :mod:`ham_export.ops.spec` and computes what :mod:`ham_export.ops.reference` computes, with the
+reference's argument order and names.
 
-Usage (the exporter's flow)::
+Usage (the exporter's flow; :func:`export_ops_model` and the ONNX Runtime backend do this)::
 
     register_schemas()
-    torch.onnx.export(program, args, dynamo=True, dynamic_shapes=...,
-                      custom_translation_table=translation_table("standard"))
+    onnx_program = torch.onnx.export(program, args, dynamo=True, dynamic_shapes=...,
+                                     opset_version=OPSETS[form], custom_translation_table=translation_table(form))
+    finish(onnx_program.model, form)   # the opset import the form's nodes need, before saving
 
-Standard forms, in short:
+Standard form (opset 27), in short:
+
+* GdnPrefill: one ``LinearAttention`` (``update_rule="gated_delta"``, scale 1) over the T tokens with two query
+  heads per state head (the op's grouped-query form): q_t, whose output over sqrt(K) is o_t, and the next token's
+  key k_{t+1}, whose output k_{t+1}^T S_t is the state before token t+1's write, read where no other output gives
+  it. Times exp(g_{t+1}) it is the router's prediction vhat_{t+1}; vhat_0 is k_0^T S_0 from the initial state (one
+  MatMul). Exact; the cost is a second query head per state. ONNX Runtime 1.32 has no CPU kernel for this op (its
+  ``com.microsoft`` LinearAttention is another op) and runs the op's ONNX function, a Scan over the tokens.
+* CacheAttention, one new token (decode, T = 1 static): the cache is read where it lies, with no copy: logits
+  MatMul(k_cache, q^T) [B, H, C, 1], the new token's logit apart, a ``Softmax`` over the C + 1 logits with the
+  masked ones at -inf (a row with no key gives NaN there, replaced by 0), then MatMul(weights, v_cache) plus the new
+  token's share. Entries past ``length`` get weight exactly 0 but are multiplied, so they must be finite (every
+  runner allocates zeros and no form writes a non-finite value there); a NaN there would reach the output. float16
+  inputs are cast to float32 (a copy of the cache). An ``Attention`` node would need the new token concatenated to
+  the cache (a copy of the cache every step) and cannot attend a routed token the cache had no room for, so decode
+  does not use it.
+* CacheAttention, a prompt (T dynamic or > 1): ``Attention`` with a boolean mask over [cache zeroed past length |
+  new tokens], the queries pre-scaled per head (scale 1); a row with no key gives 0, as in the reference.
+* CacheAppend, one new token under ``drop``: ``TensorScatter`` of one row at ``min(length, C - 1)``, the new entry
+  where it is stored, else the row already there (a write of what is there: exact, and nothing moves), so that
+  ONNX Runtime updates a cache bound as both input and output in place. Every write lands at or past the old
+  length or rewrites what is there, so the attention of the same step reads the same values whichever node runs
+  first. Under ``evict`` and for a prompt, the portable form's append (a copy of the caches; a prompt's tokens are
+  not one contiguous block, and eviction picks a slot by score).
+* Everything else (the conv, projections, the decode GDN step) is the model's own standard ops. The model's conv
+  state is [B, W-1, D] where ``CausalConvWithState`` takes [B, D, W-1], so the conv stays Concat + Conv.
+
+Portable form (opset 18), in short:
 
 * CacheAttention: keys = [cache | new], the cache part zeroed past ``length`` with ``Where`` (so NaN there cannot
   leak through the matmul), mask = (slot < length) for the cache and (routed[s] and s <= t) for new tokens. The
@@ -35,13 +65,14 @@ moves data in the input dtype and compares scores in float32 (exact for float16)
 
 Control flow and backends: the ``Scan`` of GdnPrefill and the ``Loop`` of an evict append with dynamic T are
 standard ONNX; ONNX Runtime runs them (tested) and TensorRT's parser lists both as supported (not run here).
-Apache TVM's Relax ONNX importer has no ``Loop`` or ``Scan`` converter: for TVM, import those graphs from
-``torch.export`` instead (decode graphs, static T = 1, have neither).
+Apache TVM's Relax ONNX importer has no ``Loop`` or ``Scan`` converter and none for the opset-27 ops: for TVM,
+import the ``torch.export`` programs instead.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -57,7 +88,9 @@ from onnxscript import opset18 as op
 from . import spec as opspec
 from .library import cache_append, cache_attention, gdn_prefill
 
-FORMS = ("custom", "standard")
+FORMS = ("custom", "standard", "portable")
+OPSETS = {"custom": 20, "standard": 27, "portable": 18}
+"""The default-domain opset each form's graph imports (custom: torch's default; its standard nodes need 18)."""
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
 UNROLL_MAX_T = 16
 """An evict append whose T is static and at most this is unrolled (no Loop); above it, or with a dynamic T, it
@@ -123,7 +156,7 @@ def gdn_prefill_custom(q, k, v, g, beta, state):
     return _ham.GdnPrefill(q, k, v, g, beta, state)
 
 
-# ------------------------------------------------------------------------------------------ standard helpers
+# ------------------------------------------------------------------------------------------------- helpers
 
 
 def _to_float32(*xs):
@@ -151,41 +184,55 @@ def _const(value, dtype) -> ir.Value:
     return op.Constant(value=ir.tensor(np.asarray(value, dtype=dtype)))
 
 
-# ------------------------------------------------------------------------------------ standard CacheAttention
+# ------------------------------------------------------------------------------------ portable CacheAttention
 
 
-def cache_attention_standard(q, k_cache, v_cache, length, k, v, routed, scale):
-    """CacheAttention in standard ops (see the module docstring)."""
+def cache_attention_portable(q, k_cache, v_cache, length, k, v, routed, scale):
+    """CacheAttention in opset-18 ops (the portable form; see the module docstring)."""
     out_dtype = q.dtype
     q, k_cache, v_cache, k, v, scale = _to_float32(q, k_cache, v_cache, k, v, scale)
-    zero = _const(0.0, np.float32)
-    one = _const(1.0, np.float32)
+    k_all, v_all, mask = _prompt_keys(q, k_cache, v_cache, length, k, v, routed)
+    logits = op.Mul(op.Unsqueeze(scale, [0, 2, 3]), op.MatMul(q, op.Transpose(k_all, perm=[0, 1, 3, 2])))
+    weights, total = _masked_weights(logits, mask)
+    out = op.Div(op.MatMul(weights, v_all), total)
+    return _like(_refuse_bad_rows(out, length, _dim(k_cache, 2)), out_dtype)
 
-    capacity = op.Squeeze(_dim(k_cache, 2))
-    tokens = op.Squeeze(_dim(q, 2))
-    slots = op.Range(0, capacity, 1)  # [C]
-    positions = op.Range(0, tokens, 1)  # [T]
+
+def _prompt_keys(q, k_cache, v_cache, length, k, v, routed):
+    """Keys and values [B, H, C + T, D] = [cache zeroed past length | new tokens], and the mask [B, 1, T, C + T]:
+    (slot < length) for the cache, (routed[s] and s <= t) for the new tokens. Zeroing keeps a NaN past the length
+    out of the matmuls."""
+    zero = _const(0.0, np.float32)
+    slots = op.Range(0, op.Squeeze(_dim(k_cache, 2)), 1)  # [C]
+    positions = op.Range(0, op.Squeeze(_dim(q, 2)), 1)  # [T]
     old = op.Less(op.Unsqueeze(slots, [0]), op.Unsqueeze(length, [1]))  # [B, C]
     old4 = op.Unsqueeze(old, [1, 3])  # [B, 1, C, 1]
     k_all = op.Concat(op.Where(old4, k_cache, zero), k, axis=2)  # [B, H, C + T, K]
     v_all = op.Concat(op.Where(old4, v_cache, zero), v, axis=2)
-
     causal = op.LessOrEqual(op.Unsqueeze(positions, [0]), op.Unsqueeze(positions, [1]))  # [t, s]: s <= t
     new = op.And(op.Unsqueeze(causal, [0]), op.Unsqueeze(routed, [1]))  # [B, T, T]
     old_rows = op.Expand(op.Unsqueeze(old, [1]), op.Concat(_dim(q, 0), _dim(q, 2), _dim(k_cache, 2), axis=0))
     mask = op.Unsqueeze(op.Concat(old_rows, new, axis=2), [1])  # [B, 1, T, C + T]
+    return k_all, v_all, mask
 
-    logits = op.Mul(op.Unsqueeze(scale, [0, 2, 3]), op.MatMul(q, op.Transpose(k_all, perm=[0, 1, 3, 2])))
+
+def _masked_weights(logits, mask):
+    """The softmax weights of ``logits`` where ``mask``, unnormalized, and their row sums (1 for a row with no key,
+    whose weights are all 0). No fill constant: masked logits take the row minimum (finite, at most every allowed
+    logit), the row maximum is subtracted, and masked weights are set to exactly 0 after ``Exp``."""
+    zero = _const(0.0, np.float32)
     floor = op.ReduceMin(logits, [-1], keepdims=1)
     filled = op.Where(mask, logits, floor)
     top = op.ReduceMax(filled, [-1], keepdims=1)
     weights = op.Where(mask, op.Exp(op.Sub(filled, top)), zero)
     total = op.ReduceSum(weights, [-1], keepdims=1)
-    out = op.Div(op.MatMul(weights, v_all), op.Where(op.Greater(total, zero), total, one))
-    # A row whose length lies outside [0, C] is refused (spec.DEVICE_REFUSAL): NaN, never a clamped read.
-    valid = _valid_length(length, _dim(k_cache, 2))
-    out = op.Where(op.Unsqueeze(valid, [1, 2, 3]), out, _const(float("nan"), np.float32))
-    return _like(out, out_dtype)
+    return weights, op.Where(op.Greater(total, zero), total, _const(1.0, np.float32))
+
+
+def _refuse_bad_rows(out, length, capacity):
+    """A row whose length lies outside [0, C] is refused (spec.DEVICE_REFUSAL): NaN, never a clamped read."""
+    valid = _valid_length(length, capacity)
+    return op.Where(op.Unsqueeze(valid, [1, 2, 3]), out, _const(float("nan"), np.float32))
 
 
 def _valid_length(length, capacity):
@@ -193,7 +240,7 @@ def _valid_length(length, capacity):
     return op.And(op.GreaterOrEqual(length, _const(0, np.int64)), op.LessOrEqual(length, capacity))
 
 
-# --------------------------------------------------------------------------------------- standard CacheAppend
+# --------------------------------------------------------------------------------------- portable CacheAppend
 
 
 class _BodyOps:
@@ -274,8 +321,8 @@ def _gather_slots(new, cache, token, from_new):
     return op.Where(op.Unsqueeze(from_new, [1, 3]), gathered, cache)
 
 
-def cache_append_standard(k_cache, v_cache, score_cache, length, k, v, score, routed, policy):
-    """CacheAppend in standard ops (see the module docstring)."""
+def cache_append_portable(k_cache, v_cache, score_cache, length, k, v, score, routed, policy):
+    """CacheAppend in opset-18 ops (the portable form; see the module docstring)."""
     _check_policy(policy)
     capacity = _dim(k_cache, 2)  # [1]
     # A row whose length lies outside [0, C] is refused (spec.DEVICE_REFUSAL): nothing written, length kept,
@@ -318,7 +365,7 @@ def cache_append_standard(k_cache, v_cache, score_cache, length, k, v, score, ro
     return k_out, v_out, s_out, new_length, overflow
 
 
-# ---------------------------------------------------------------------------------------- standard GdnPrefill
+# ---------------------------------------------------------------------------------------- portable GdnPrefill
 
 
 @onnxscript.script(default_opset=op)
@@ -341,8 +388,8 @@ def _gdn_scan(q: FLOAT, k: FLOAT, v: FLOAT, g: FLOAT, beta: FLOAT, state: FLOAT,
     return o, vhat, state_out
 
 
-def gdn_prefill_standard(q, k, v, g, beta, state):
-    """GdnPrefill in standard ops: a Scan over T of the per-token delta rule (see the module docstring)."""
+def gdn_prefill_portable(q, k, v, g, beta, state):
+    """GdnPrefill in opset-18 ops: a Scan over T of the per-token delta rule (the portable form)."""
     out_dtype = q.dtype
     q, k, v, g, beta, state = _to_float32(q, k, v, g, beta, state)
     width = _static_dim(q, 3)
@@ -354,20 +401,135 @@ def gdn_prefill_standard(q, k, v, g, beta, state):
     return _like(o, out_dtype), _like(vhat, out_dtype), _like(state_out, out_dtype)
 
 
+# ---------------------------------------------------------------------------------------------- standard form
+
+_OPSET27 = onnxscript.values.Opset("", 27)
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _op27(name: str, outputs: int | None = None) -> onnxscript.values.Op:
+    """An opset-27 op for the translations; ``outputs``: keep only its first outputs (torch's exporter gives a node
+    every output of its schema, and a runtime may compute an optional output that is there, unread)."""
+    schema = onnx.defs.get_schema(name, 27)
+    if outputs is not None:
+        schema = OpSchema(schema.name, schema.domain, schema.since_version, schema.doc, inputs=list(schema.inputs),
+                          outputs=list(schema.outputs[:outputs]),
+                          type_constraints=[(c.type_param_str, list(c.allowed_type_strs), c.description)
+                                            for c in schema.type_constraints],
+                          attributes=list(schema.attributes.values()))
+    return onnxscript.values.Op(_OPSET27, name, schema)
+
+
+_LINEAR_ATTENTION, _TENSOR_SCATTER = _op27("LinearAttention"), _op27("TensorScatter")
+_ATTENTION = _op27("Attention", outputs=1)  # Y alone: no present_key / present_value copies
+
+
+def cache_attention_standard(q, k_cache, v_cache, length, k, v, routed, scale):
+    """CacheAttention in opset-27 ops: the cache read in place for one new token, ``Attention`` for a prompt (see
+    the module docstring)."""
+    out_dtype, one_token = q.dtype, _static_dim(q, 2) == 1  # before a cast loses the shape
+    q, k_cache, v_cache, k, v, scale = _to_float32(q, k_cache, v_cache, k, v, scale)
+    capacity = _dim(k_cache, 2)
+    q = op.Mul(q, op.Unsqueeze(scale, [0, 2, 3]))  # per-head scale first: the logits need no further scaling
+    if one_token:
+        cached = op.Reshape(op.MatMul(k_cache, op.Reshape(q, _const([0, 0, -1, 1], np.int64))),
+                            _const([0, 0, 1, -1], np.int64))  # [B, H, 1, C]: k_cache is read, not copied
+        new = op.ReduceSum(op.Mul(q, k), [-1], keepdims=1)  # [B, H, 1, 1]
+        old = op.Less(op.Unsqueeze(op.Range(0, op.Squeeze(capacity), 1), [0]), op.Unsqueeze(length, [1]))  # [B, C]
+        mask = op.Unsqueeze(op.Concat(old, routed, axis=1), [1, 2])  # [B, 1, 1, C + 1]
+        logits = op.Where(mask, op.Concat(cached, new, axis=3), _const(-np.inf, np.float32))
+        weights = op.Softmax(logits, axis=-1)
+        three = _const([3], np.int64)
+        w_cached = op.Slice(weights, _const([0], np.int64), capacity, three)
+        w_new = op.Slice(weights, capacity, _const([_INT64_MAX], np.int64), three)
+        out = op.Add(op.MatMul(w_cached, v_cache), op.Mul(w_new, v))
+        # A row with no key (nothing cached, the token not routed) has a softmax of NaN: 0, as in the reference.
+        seen = op.Or(op.Greater(length, _const(0, np.int64)), op.Squeeze(routed, [1]))  # [B]
+        out = op.Where(op.Unsqueeze(seen, [1, 2, 3]), out, _const(0.0, np.float32))
+    else:
+        k_all, v_all, mask = _prompt_keys(q, k_cache, v_cache, length, k, v, routed)
+        out = _ATTENTION(q, k_all, v_all, mask, scale=1.0)
+        # A query with no key: 0, as in the reference (whatever the runtime's softmax gives for an empty row).
+        seen = op.ReduceMax(op.Cast(mask, to=ir.DataType.FLOAT), [-1], keepdims=1)  # [B, 1, T, 1]
+        out = op.Where(op.Greater(seen, _const(0.0, np.float32)), out, _const(0.0, np.float32))
+    return _like(_refuse_bad_rows(out, length, capacity), out_dtype)
+
+
+def cache_append_standard(k_cache, v_cache, score_cache, length, k, v, score, routed, policy):
+    """CacheAppend in opset-27 ops: one new token under ``drop`` is one ``TensorScatter`` row per cache; ``evict``
+    and prompts take the portable form (see the module docstring)."""
+    _check_policy(policy)
+    if policy != "drop" or _static_dim(k, 2) != 1:
+        return cache_append_portable(k_cache, v_cache, score_cache, length, k, v, score, routed, policy)
+    capacity = _dim(k_cache, 2)  # [1]
+    valid = _valid_length(length, capacity)  # [B]
+    room = op.And(op.GreaterOrEqual(length, _const(0, np.int64)), op.Less(length, capacity))  # 0 <= length < C
+    wants = op.Squeeze(routed, [1])
+    stored = op.And(wants, room)
+    # Full or refused rows rewrite their last entry with what it holds; the others write at their length.
+    index = op.Where(room, length, op.Sub(capacity, _const(1, np.int64)))  # [B], in [0, C)
+
+    def put(cache, new):
+        """Write row ``index[b]`` of ``cache`` (its axis 2, or 1 for the scores): ``new`` where stored, else the
+        row already there."""
+        axis = 2 if len(cache.shape) == 4 else 1
+        axes = [1, 2, 3] if axis == 2 else [1]
+        at = op.Expand(op.Unsqueeze(index, axes), op.Shape(new))
+        update = op.Where(op.Unsqueeze(stored, axes), new, op.GatherElements(cache, at, axis=axis))
+        return _TENSOR_SCATTER(cache, update, index, axis=axis)
+
+    overflow = op.Where(valid, op.Cast(op.And(wants, op.Not(room)), to=ir.DataType.INT64),
+                        _const(opspec.INVALID_LENGTH, np.int64))
+    new_length = op.Add(length, op.Cast(stored, to=ir.DataType.INT64))
+    return put(k_cache, k), put(v_cache, v), put(score_cache, score), new_length, overflow
+
+
+def gdn_prefill_standard(q, k, v, g, beta, state):
+    """GdnPrefill as one ``LinearAttention`` over the T tokens, two query heads per state: q_t, and the next token's
+    key, which reads the state before that token's write (see the module docstring)."""
+    out_dtype = q.dtype
+    heads, width, value_width = _static_dim(q, 2), _static_dim(q, 3), _static_dim(v, 3)  # before a cast loses them
+    q, k, v, g, beta, state = _to_float32(q, k, v, g, beta, state)
+    if None in (heads, width, value_width):
+        raise ValueError("the opset-27 GdnPrefill needs static H, K and V (LinearAttention packs the heads)")
+    one = _const([1], np.int64)
+    # k_{t+1} at step t (zeros at the last step, whose read no token needs): [B, T, H, K]
+    following = op.Concat(op.Slice(k, one, _const([_INT64_MAX], np.int64), one),
+                          op.Expand(_const(0.0, np.float32), op.Concat(_dim(k, 0), one, _dim(k, 2), _dim(k, 3),
+                                                                       axis=0)), axis=1)
+    queries = op.Reshape(op.Concat(op.Unsqueeze(q, [3]), op.Unsqueeze(following, [3]), axis=3),
+                         _const([0, 0, 2 * heads * width], np.int64))  # query heads (q, next k) per state head
+
+    def packed(x, size: int):
+        return op.Reshape(x, _const([0, 0, size], np.int64))
+
+    out, state_out = _LINEAR_ATTENTION(
+        queries, packed(k, heads * width), packed(v, heads * value_width), state, g, beta,
+        q_num_heads=2 * heads, kv_num_heads=heads, scale=1.0, update_rule="gated_delta")
+    o, ahead = op.Split(op.Reshape(out, _const([0, 0, heads, 2, value_width], np.int64)), num_outputs=2, axis=3)
+    first = op.MatMul(op.Unsqueeze(op.Gather(k, _const(0, np.int64), axis=1), [2]), state)  # [B, H, 1, V]: k_0^T S
+    reads = op.Concat(op.Transpose(first, perm=[0, 2, 1, 3]),
+                      op.Slice(op.Squeeze(ahead, [3]), _const([0], np.int64), _const([-1], np.int64), one), axis=1)
+    vhat = op.Mul(op.Unsqueeze(op.Exp(g), [3]), reads)  # alpha_t k_t^T S_{t-1}
+    o = op.Mul(op.Squeeze(o, [3]), _const(1.0 / math.sqrt(width), np.float32))
+    return _like(o, out_dtype), _like(vhat, out_dtype), _like(state_out, out_dtype)
+
+
 # ------------------------------------------------------------------------------------------------------- table
 
 _TRANSLATIONS = {
     "custom": (cache_attention_custom, cache_append_custom, gdn_prefill_custom),
     "standard": (cache_attention_standard, cache_append_standard, gdn_prefill_standard),
+    "portable": (cache_attention_portable, cache_append_portable, gdn_prefill_portable),
 }
 
 
 def translation_table(form: str) -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: ``torch.ops.ham.<op>.default`` -> translation.
 
-    ``form`` is ``"custom"`` (``ham.ai`` nodes; their schemas are registered here, see :func:`register_schemas`)
-    or ``"standard"`` (standard ONNX ops only). Translations are called with the op's arguments in spec order,
-    the attribute (``policy``) included as a positional str, as ``torch.onnx`` does."""
+    ``form`` is ``"custom"`` (``ham.ai`` nodes; their schemas are registered here, see :func:`register_schemas`),
+    ``"standard"`` (opset-27 ops only) or ``"portable"`` (opset-18 ops only). Translations are called with the op's
+    arguments in spec order, the attribute (``policy``) included as a positional str, as ``torch.onnx`` does."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if form == "custom":
@@ -376,14 +538,40 @@ def translation_table(form: str) -> dict:
     return {cache_attention.default: attention, cache_append.default: append, gdn_prefill.default: prefill}
 
 
+def export_options(form: str) -> dict:
+    """The keyword arguments of ``torch.onnx.export`` for a form: its translation table and opset."""
+    return {"custom_translation_table": translation_table(form), "opset_version": OPSETS[form]}
+
+
+def finish(model: onnx.ModelProto | ir.Model, form: str) -> onnx.ModelProto | ir.Model:
+    """Import the default-domain opset the form's nodes need (in place; returns ``model``, an ``onnx.ModelProto`` or
+    the exporter's ``ir.Model``). torch's exporter writes its own ops at opset 18 and keeps that import when asked
+    for a later opset; the opset-27 nodes of the standard form need 27, under which every node here keeps its
+    meaning (``onnx.checker`` checks each node against it)."""
+    if isinstance(model, ir.Model):
+        if model.opset_imports.get("", 0) < OPSETS[form]:
+            model.opset_imports[""] = OPSETS[form]
+        return model
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and entry.version < OPSETS[form]:
+            entry.version = OPSETS[form]
+    return model
+
+
 def export_ops_model(module: torch.nn.Module | torch.export.ExportedProgram, args: tuple, form: str,
                      dynamic_shapes=None, path: str | os.PathLike | None = None) -> onnx.ModelProto:
     """Export ``module`` (or an ``ExportedProgram``) calling HAM ops to ONNX in the given form, check it with
     ``onnx.checker.check_model(full_check=True)``, save it to ``path`` if given, and return it."""
     register_schemas()
-    program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False,
-                                custom_translation_table=translation_table(form))
-    model = program.model_proto
+    converter_log = logging.getLogger("onnxscript")  # its failed opset conversion, which finish() settles
+    level = converter_log.level
+    converter_log.setLevel(logging.ERROR)
+    try:
+        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False,
+                                    **export_options(form))
+    finally:
+        converter_log.setLevel(level)
+    model = finish(program.model_proto, form)
     onnx.checker.check_model(model, full_check=True)
     if path is not None:
         onnx.save(model, os.fspath(path))

@@ -275,7 +275,9 @@ CACHE_ATTENTION = OpSpec(
     version=1,
     inputs=(
         Arg("q", "T", "BHTK", "queries of the new tokens"),
-        Arg("k_cache", "T", "BHCK", "cached keys; entries past length are never read"),
+        Arg("k_cache", "T", "BHCK", "cached keys; entries past length do not count (every implementation but the "
+                                    "opset-27 ONNX decode form never reads them; that one weights them by exactly 0, "
+                                    "so they must be finite)"),
         Arg("v_cache", "T", "BHCV", "cached values"),
         Arg("length", "int64", "B", "valid cache entries"),
         Arg("k", "T", "BHTK", "keys of the new tokens"),

@@ -26,7 +26,8 @@ BUNDLED = ROOT / "examples" / "models" / "tiny-ham.pt"
 
 VARIANTS: dict[str, list[tuple[str, dict, str | None]]] = {
     "torch.export": [("torch.export", {}, None)],
-    "onnxruntime": [("onnx-custom", {"ops": "custom"}, None), ("onnx-standard", {"ops": "standard"}, None)],
+    "onnxruntime": [("onnx-custom", {"ops": "custom"}, None), ("onnx-standard", {"ops": "standard"}, None),
+                    ("onnx-portable", {"ops": "portable"}, None)],
     "aotinductor": [("aotinductor", {}, "model.pt2")],
     "tvm": [("tvm", {}, None)],
     "triton": [("triton", {}, None)],

@@ -13,7 +13,9 @@ that their in-kernel refusal is tested under the interpreter.
 
 The implementations: ``reference`` (and its in-place form), ``torch-op`` (``torch.ops.ham`` on the CPU, and
 ``ham::cache_append_``), ``ort`` (the ONNX Runtime op library, a one-node model; in place: caches bound as input and
-output), ``onnx-standard`` (the standard-op ONNX translation in ONNX Runtime), ``libtorch`` (the libtorch op
+output), ``onnx-portable`` and ``onnx-standard`` (the opset-18 and opset-27 ONNX translations in ONNX Runtime,
+dynamic T; ``onnx-standard-decode``: the opset-27 one-token forms, static T = 1, which read the cache where it lies
+and so get finite values past the length instead of NaN, see :data:`FINITE_TAIL`), ``libtorch`` (the libtorch op
 library, in a worker process that never imports ham_export; and its in-place op), ``triton`` (the kernels under
 ``TRITON_INTERPRET=1``; decode and prompt attention kernels apart; the append functional and in place), ``tir``
 (the TVM TIR kernels compiled for llvm; the append in place), ``trt-launch`` (the TensorRT plugins' entry kernels
@@ -210,10 +212,10 @@ class _OpModule(torch.nn.Module):
 
 
 @functools.cache
-def _standard_session(op: str, dtype: torch.dtype, policy: str | None, hkv: tuple[int, int, int],
-                      static_t: int | None = None):
-    """The standard-op translation of one op, exported with dynamic B and C (and T unless ``static_t``); H, K and
-    V are static, as in a model's graph."""
+def _onnx_session(form: str, op: str, dtype: torch.dtype, policy: str | None, hkv: tuple[int, int, int],
+                  static_t: int | None = None):
+    """The ``form`` translation of one op, exported with dynamic B and C (and T unless ``static_t``); H, K and V
+    are static, as in a model's graph."""
     import onnxruntime as ort
 
     from ham_export.ops.onnx import export_ops_model
@@ -228,14 +230,23 @@ def _standard_session(op: str, dtype: torch.dtype, policy: str | None, hkv: tupl
     shapes = tuple({i: dims[letter] for i, letter in enumerate(arg.shape) if letter in dims} or None
                    for arg in spec.inputs)
     attributes = (policy,) if policy else ()
-    model = export_ops_model(_OpModule(op, attributes).eval(), tuple(example), "standard", (shapes,))
+    model = export_ops_model(_OpModule(op, attributes).eval(), tuple(example), form, (shapes,))
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _standard(op):
+FINITE_TAIL = 50.0
+"""What the one-token standard attention finds past each cache's length instead of NaN: it multiplies those entries
+by exactly zero weights, so they must be finite (the form's stated contract); a value this large would dominate
+the output if one were ever weighted."""
+
+
+def _onnx(form: str, op: str, static_t: int | None = None):
     def call(inputs, attributes, _):
         d = SPECS[op].check(inputs, attributes, values=False)
-        session = _standard_session(op, inputs[0].dtype, attributes.get("policy"), (d["H"], d["K"], d["V"]))
+        session = _onnx_session(form, op, inputs[0].dtype, attributes.get("policy"), (d["H"], d["K"], d["V"]),
+                                static_t)
+        if static_t and op == "cache_attention":
+            inputs = [x.nan_to_num(nan=FINITE_TAIL) if x.is_floating_point() else x for x in inputs]
         feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=True)}
         return [torch.from_numpy(np.asarray(x)) for x in session.run(None, feeds)]
     return call
@@ -488,8 +499,12 @@ IMPLEMENTATIONS: dict[str, list[Impl]] = {
         Impl("reference", "cache_attention", _reference("cache_attention")),
         Impl("torch-op", "cache_attention", _torch_op("cache_attention", CACHE_ATTENTION)),
         Impl("ort", "cache_attention", _ort("cache_attention"), FP32_FP16, requires=_ort_library_missing),
-        Impl("onnx-standard", "cache_attention", _standard("cache_attention"), FP32_FP16, host_checks=False,
-             refuses_on_device=True, requires=_onnxruntime_missing),
+        Impl("onnx-portable", "cache_attention", _onnx("portable", "cache_attention"), FP32_FP16,
+             host_checks=False, refuses_on_device=True, requires=_onnxruntime_missing),
+        Impl("onnx-standard", "cache_attention", _onnx("standard", "cache_attention"), FP32_FP16,
+             host_checks=False, refuses_on_device=True, requires=_onnxruntime_missing),
+        Impl("onnx-standard-decode", "cache_attention", _onnx("standard", "cache_attention", static_t=1), FP32_FP16,
+             host_checks=False, refuses_on_device=True, requires=_onnxruntime_missing, accepts=_one_token),
         Impl("libtorch", "cache_attention", _libtorch("cache_attention"), FP32_FP16, requires=_libtorch_missing),
         Impl("triton-decode", "cache_attention", _triton_decode, refuses_on_device=True, requires=_triton_missing,
              accepts=_one_token),
@@ -508,8 +523,12 @@ IMPLEMENTATIONS: dict[str, list[Impl]] = {
         Impl("ort", "cache_append", _ort("cache_append"), FP32_FP16, requires=_ort_library_missing),
         Impl("ort-in-place", "cache_append", _ort_in_place, FP32_FP16, in_place=True,
              requires=_ort_library_missing),
-        Impl("onnx-standard", "cache_append", _standard("cache_append"), FP32_FP16, host_checks=False,
+        Impl("onnx-portable", "cache_append", _onnx("portable", "cache_append"), FP32_FP16, host_checks=False,
              refuses_on_device=True, requires=_onnxruntime_missing),
+        Impl("onnx-standard", "cache_append", _onnx("standard", "cache_append"), FP32_FP16, host_checks=False,
+             refuses_on_device=True, requires=_onnxruntime_missing),
+        Impl("onnx-standard-decode", "cache_append", _onnx("standard", "cache_append", static_t=1), FP32_FP16,
+             host_checks=False, refuses_on_device=True, requires=_onnxruntime_missing, accepts=_one_token),
         Impl("libtorch", "cache_append", _libtorch("cache_append"), FP32_FP16, requires=_libtorch_missing),
         Impl("libtorch-in-place", "cache_append", _libtorch_in_place, FP32_FP16, in_place=True,
              requires=_libtorch_missing),
@@ -527,7 +546,10 @@ IMPLEMENTATIONS: dict[str, list[Impl]] = {
         Impl("reference", "gdn_prefill", _reference("gdn_prefill")),
         Impl("torch-op", "gdn_prefill", _torch_op("gdn_prefill", GDN_PREFILL)),
         Impl("ort", "gdn_prefill", _ort("gdn_prefill"), FP32_FP16, requires=_ort_library_missing),
-        Impl("onnx-standard", "gdn_prefill", _standard("gdn_prefill"), FP32_FP16, requires=_onnxruntime_missing),
+        Impl("onnx-portable", "gdn_prefill", _onnx("portable", "gdn_prefill"), FP32_FP16,
+             requires=_onnxruntime_missing),
+        Impl("onnx-standard", "gdn_prefill", _onnx("standard", "gdn_prefill"), FP32_FP16,
+             requires=_onnxruntime_missing),
         Impl("libtorch", "gdn_prefill", _libtorch("gdn_prefill"), FP32_FP16, requires=_libtorch_missing),
         Impl("triton", "gdn_prefill", _triton_gdn, requires=_triton_missing),
         Impl("tir", "gdn_prefill", _tir("gdn_prefill"), (torch.float32,), requires=_tvm_missing),

@@ -26,11 +26,13 @@ GUARD = 64
 SENTINEL = {torch.float32: 12345.0, torch.int64: 777_777}
 
 
-def cases(rounds: int = ROUNDS, seed: int = 2024):
-    """The same random calls for every implementation (small head sets keep the TIR compiles few)."""
+def cases(rounds: int = ROUNDS, seed: int = 2024, one_token: bool = False):
+    """The same random calls for every implementation (small head sets keep the TIR compiles few); ``one_token``:
+    T = 1 in every call, for a decode form."""
     rng = random.Random(seed)
     for i in range(rounds):
         b, h, c, t = rng.randint(1, 3), rng.choice([1, 2]), rng.randint(1, 6), rng.randint(1, 6)
+        t = 1 if one_token else t
         k, v = rng.choice([(2, 3), (3, 2)])
         lengths = [rng.randint(0, c) for _ in range(b)]
         bad_row = None
@@ -56,7 +58,7 @@ def guarded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS["cache_append"], ids=str)
 def test_random_calls(impl):
     available(impl)
-    for i, inputs, attributes, bad_row in cases():
+    for i, inputs, attributes, bad_row in cases(one_token=impl.accepts({"T": 2}) is not None):
         given = [x.clone() for x in inputs]
         where = f"call {i} (lengths {inputs[3].tolist()}, C {inputs[0].shape[2]}, {attributes['policy']})"
         buffers = None

@@ -1,8 +1,9 @@
 """The ONNX translations of the HAM ops (:mod:`ham_export.ops.onnx`) beyond what the op suites check (they run the
-standard form as ``onnx-standard`` and the custom form through the op library as ``ort``): the custom form is one
-``ham.ai`` node per op with the spec's attributes and dynamic dims; the standard form holds only standard ops, a
-Loop only where an evict append has a dynamic T (unrolled for a static decode T), and runs the three ops in one
-graph as the model does.
+standard forms as ``onnx-standard``, ``onnx-standard-decode`` and ``onnx-portable``, and the custom form through the
+op library as ``ort``): the custom form is one ``ham.ai`` node per op with the spec's attributes and dynamic dims;
+the standard form (opset 27) and the portable form (opset 18) hold only default-domain ops, a Loop only where an
+evict append has a dynamic T (unrolled for a static decode T), and run the three ops in one graph as the model does;
+the standard form's one-token graphs read the caches where they lie (no node copies a cache).
 """
 
 from __future__ import annotations
@@ -166,18 +167,6 @@ def exported():
     return get
 
 
-@pytest.fixture(scope="module")
-def standard_session(exported):
-    cache: dict[tuple, ort.InferenceSession] = {}
-
-    def get(kind: str, dtype=torch.float32) -> ort.InferenceSession:
-        if (kind, dtype) not in cache:
-            cache[kind, dtype] = session(exported(kind, "standard", dtype))
-        return cache[kind, dtype]
-    return get
-
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_custom_form_is_one_ham_node_with_dynamic_dims(exported, kind):
     model = exported(kind, "custom")  # export_ops_model ran check_model(full_check=True)
@@ -225,23 +214,31 @@ def test_custom_form_runs_with_the_op_library(exported, kind):
         check_against_reference(kind, sess, args)
 
 
+STANDARD_FORMS = ("standard", "portable")
+CONTROL = {"standard": {"append_evict": {"Loop"}}, "portable": {"gdn": {"Scan"}, "append_evict": {"Loop"}}}
+OPSET27_NODES = {"attention": "Attention", "gdn": "LinearAttention"}
+
+
+@pytest.mark.parametrize("form", STANDARD_FORMS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_standard_form_has_only_standard_ops(exported, kind):
-    model = exported(kind, "standard")
-    assert [o.domain for o in model.opset_import] == [""] and not model.functions
+def test_standard_forms_have_only_default_domain_ops(exported, kind, form):
+    model = exported(kind, form)
+    assert {o.domain: o.version for o in model.opset_import} == {"": onnx_ops.OPSETS[form]} and not model.functions
     ops = {n.op_type for n in all_nodes(model.graph)}
     assert all(n.domain in ("", "ai.onnx") for n in all_nodes(model.graph))
-    control = {"Loop", "Scan", "If"} & ops
-    assert control == {"gdn": {"Scan"}, "append_evict": {"Loop"}}.get(kind, set())
+    assert {"Loop", "Scan", "If"} & ops == CONTROL[form].get(kind, set())
+    if form == "standard" and kind in OPSET27_NODES:
+        assert OPSET27_NODES[kind] in ops
 
 
+@pytest.mark.parametrize("form", STANDARD_FORMS)
 @pytest.mark.parametrize("t", [1, 3])
-def test_static_t_evict_is_unrolled(t):
+def test_static_t_evict_is_unrolled(t, form):
     """A decode-shaped append (static T, here 1 or 3) has no control flow, so that importers without Loop take it."""
     module = Append("evict").eval()
     args = append_inputs(B, H, C, t, 0)
     shapes = APPEND_SHAPES[:4] + ({0: DIM_B},) * 4
-    model = onnx_ops.export_ops_model(module, args, "standard", shapes)
+    model = onnx_ops.export_ops_model(module, args, form, shapes)
     assert not {"Loop", "Scan", "If"} & {n.op_type for n in all_nodes(model.graph)}
     sess = session(model)
     for seed in range(12):
@@ -250,7 +247,36 @@ def test_static_t_evict_is_unrolled(t):
                                                                          ties=seed % 2 == 0, density=0.8))
 
 
-def test_ops_in_one_graph(tmp_path):
+def test_standard_decode_reads_the_caches_where_they_lie():
+    """One new token, drop: the attention reads each cache through a MatMul and the append writes one row of it
+    with TensorScatter; no node that copies a whole cache (Concat, Where, Cast, Transpose, ...) takes one (Shape
+    reads no data)."""
+    module = Layer("drop").eval()
+    q, k, v, g, beta, state = gdn_inputs(B, 1, H, 0)
+    k_cache, v_cache, score_cache, length, *_ = append_inputs(B, H, C, 1, 0)
+    args = (q, k, v, g, beta, state, k_cache, v_cache, score_cache, length, torch.tensor([2.0, 5.0]))
+    shapes = ({0: DIM_B},) * 6 + APPEND_SHAPES[:4] + (None,)
+    model = onnx_ops.export_ops_model(module, args, "standard", shapes)
+    caches = [i.name for i in model.graph.input[6:9]]
+    readers = {name: sorted(n.op_type for n in model.graph.node if name in n.input and n.op_type != "Shape")
+               for name in caches}
+    assert readers == {caches[0]: ["GatherElements", "MatMul", "TensorScatter"],
+                       caches[1]: ["GatherElements", "MatMul", "TensorScatter"],
+                       caches[2]: ["GatherElements", "TensorScatter"]}, readers
+    sess = session(model)
+    for seed, fill in enumerate([0, 3, C]):  # empty, part full, full (the routed tokens are dropped)
+        q, k, v, g, beta, state = gdn_inputs(B, 1, H, seed)
+        k_cache, v_cache, score_cache, length, *_ = append_inputs(B, H, C, 1, seed, lengths=[fill] * B)
+        case = [q, k, v, g, beta, state, *(x.nan_to_num(nan=3.0) for x in (k_cache, v_cache, score_cache)), length,
+                args[-1]]
+        with torch.no_grad():
+            expected = module(*case)
+        for got, e in zip(run(sess, case), expected, strict=True):
+            torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", STANDARD_FORMS)
+def test_ops_in_one_graph(tmp_path, form):
     module = Layer("evict").eval()
     q, k, v, g, beta, state = gdn_inputs(B, T, H, 1)
     k_cache, v_cache, score_cache, length, *_ = append_inputs(B, H, C, T, 1)
@@ -261,7 +287,7 @@ def test_ops_in_one_graph(tmp_path):
     assert sorted(n.op_type for n in custom.graph.node if n.domain == "ham.ai") == [
         "CacheAppend", "CacheAttention", "GdnPrefill"]
     onnx.checker.check_model(str(tmp_path / "custom.onnx"), full_check=True)
-    standard = onnx_ops.export_ops_model(module, args, "standard", shapes)
+    standard = onnx_ops.export_ops_model(module, args, form, shapes)
     sess = session(standard)
     for seed, (b, c, t, fill) in enumerate([(1, 3, 1, 3), (3, 4, 9, 2), (2, 8, 4, 0)]):
         q, k, v, g, beta, state = gdn_inputs(b, t, H, seed)
@@ -278,5 +304,7 @@ def test_bad_form_and_policy_are_refused():
         onnx_ops.translation_table("plugin")
     with pytest.raises(ValueError, match="CacheAppend: attribute 'policy' is 'lru'; it must be 'drop' or 'evict'"):
         onnx_ops.cache_append_standard(*([None] * 8), "lru")
+    with pytest.raises(ValueError, match="CacheAppend: attribute 'policy' is 'lru'"):
+        onnx_ops.cache_append_portable(*([None] * 8), "lru")
     with pytest.raises(ValueError, match="CacheAppend: attribute 'policy' is 'lru'"):
         onnx_ops.cache_append_custom(*([None] * 8), "lru")

@@ -32,7 +32,7 @@ def test_without_tensorrt_trt_exits_2_with_one_line_and_writes_nothing(small_che
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("--plugins", "none"), "--plugins none needs the standard-op ONNX form"),
+    (("--plugins", "none"), "--plugins none is not offered"),
     (("--arch", "ninety"), "--arch must be compute capabilities"),
     (("--max-batch", "0"), "--max-batch must be at least 1"),
 ])
