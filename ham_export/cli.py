@@ -4,7 +4,8 @@ One export command per registered backend (:mod:`ham_export.backends`), made fro
 ``native``, ``tvm``, ``triton``, ``trt``; then ``inspect``, ``eval``, ``check`` and ``memory``.
 
 Exit codes: 0 success; 1 a check or budget that failed; 2 bad usage or input (a missing or broken file, a bad
-option value). A user's mistake prints one line on stderr (plain text, never a traceback).
+option value, a size past its bound); 130 an interrupt. A user's mistake prints one line on stderr (plain text,
+never a traceback), a usage mistake included.
 """
 
 from __future__ import annotations
@@ -14,13 +15,20 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from .errors import HamError
+from .errors import HamError, InputError
+
+MAX_CAPACITY = 1 << 20
+"""The largest cache capacity and context an export takes (the programs' own bound on a prompt's length)."""
+MAX_STEPS = 1 << 16
+MAX_THRESHOLDS = 256
+MAX_WINDOW = 1 << 20
 
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
@@ -41,18 +49,63 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _check_finite(thresholds: tuple[float, ...]) -> None:
-    from .errors import InputError
-
     bad = [t for t in thresholds if not math.isfinite(t)]
     if bad:
         raise InputError(f"--threshold must be a finite number, got {bad[0]}")
+    if len(thresholds) > MAX_THRESHOLDS:
+        raise InputError(f"--threshold is given {len(thresholds)} times; at most {MAX_THRESHOLDS}")
+
+
+def _at_most(flag: str, value: int | None, bound: int) -> None:
+    if value is not None and value > bound:
+        raise InputError(f"{flag} must be at most {bound:,}, got {value:,}")
+
+
+def _writable(path: str, what: str) -> None:
+    """Refuse, before any work, an output path that cannot be written: under a file, or in a folder that is missing
+    (``what="file"``: its folder must exist) or not writable."""
+    import os
+
+    target = Path(path)
+    if target.exists() and (target.is_dir() if what == "file" else not target.is_dir()):
+        raise InputError(f"{path} is a {'folder' if target.is_dir() else 'file'}; a {what} path is needed")
+    parent = target.parent if what == "file" else target
+    if what == "file" and not parent.is_dir():
+        raise InputError(f"cannot write {path}: the folder {parent} does not exist")
+    ancestor = parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"cannot write {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: {ancestor} is not writable")
 
 
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Click's group with ham-export's error form: a usage mistake is one line on stderr, ``error: ...``, exit 2
+    (click prints three); an interrupt exits 130 with one line."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.exceptions.ClickException as exc:
+            no_command = type(exc).__name__ == "NoArgsIsHelpError"  # bare ``ham-export``: the help, as click does
+            click.echo(exc.format_message() if no_command else f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        if isinstance(result, int) and not isinstance(result, bool):  # click.exceptions.Exit's code
+            sys.exit(result)
+        return result
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ham-export")
 def main() -> None:
     """Export, check and measure HAM (Hybrid Associative Memory) models."""
@@ -117,6 +170,7 @@ def eval_(model: str, data: str | None, thresholds: tuple[float, ...], window: i
     from .train.evaluate import evaluate
 
     _check_finite(thresholds)
+    _at_most("--window", window, MAX_WINDOW)
     ckpt = checkpoint.load(model)
     if data is None:
         corpus = pydoc_corpus()
@@ -154,11 +208,17 @@ def _export_command(backend) -> click.Command:
     is_file = backend.output == "file"
 
     def command(model: str, out: str, max_cache: int | None, context: int, policy: str, **options: Any) -> None:
+        from .backends import artifact
         from .core import checkpoint
 
+        _at_most("--max-cache", max_cache, MAX_CAPACITY)
+        _at_most("--context", context, MAX_CAPACITY)
+        _writable(out, "file" if is_file else "folder")
         ckpt = checkpoint.load(model)
         capacity = max_cache or context
-        path = backend.build(ckpt.model, out, capacity=capacity, policy=policy, source=ckpt.path, **options)
+        with artifact.written_atomically(out, is_file) as target:
+            backend.build(ckpt.model, target, capacity=capacity, policy=policy, source=ckpt.path, **options)
+        path = Path(out)
         chosen = "".join(f", {o.flag.lstrip('-')} {options[o.name]}" for o in backend.options
                          if o.type is not bool and options[o.name] is not None)
         if not options.get("prepare_only"):
@@ -232,9 +292,12 @@ def check(model: str, artifact: str, prompts: str | None, steps: int, thresholds
     from .errors import InputError
 
     _check_finite(thresholds)
+    _at_most("--steps", steps, MAX_STEPS)
     for name, value in (("--atol", atol), ("--rtol", rtol), ("--margin", margin)):
         if value is not None and not math.isfinite(value):
             raise InputError(f"{name} must be a finite number, got {value}")
+    if polygraphy_dir is not None:
+        _writable(polygraphy_dir, "folder")
     ckpt = checkpoint.load(model)
     tokens = read_prompts(prompts) if prompts else default_prompts()
     settings: list[float | list[float]] = list(thresholds) or [list(ckpt.config.thresholds), -1.0, 3.0]
@@ -315,10 +378,13 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
         raise InputError("give --thresholds or --sweep, not both")
     thresholds = parse_thresholds(thresholds_text) if thresholds_text is not None else list(SWEEP)
     budget_bytes = parse_size(budget, "--budget") if budget is not None else None
+    if plot is not None:
+        _writable(plot, "file")
     ckpt = checkpoint.load(model)
     capacity = None
     if artifact is not None:
         manifest = read_manifest(artifact)
+        manifest.check_weights(ckpt.model)  # a measurement of other weights would mean nothing: exit 2
         capacity = manifest.capacity
         if dtype is not None and dtype != manifest.dtype:
             raise InputError(f"--dtype {dtype} differs from the artifact's {manifest.dtype}")

@@ -1,11 +1,17 @@
 """What every builder does: check the options every backend shares, tie the artifact to the model's weights, and
-write the manifest."""
+write the manifest; and how the CLI puts an artifact in place: whole or not at all (:func:`written_atomically`)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import fcntl
 import logging
+import os
+import shutil
+import signal
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,3 +67,72 @@ def quiet_exporter() -> Iterator[None]:
     finally:
         for log, level in zip(logs, levels, strict=True):
             log.setLevel(level)
+
+
+@contextlib.contextmanager
+def written_atomically(out: str | Path, is_file: bool = False) -> Iterator[Path]:
+    """Build an artifact where no reader sees it, then put it in place whole: yields the path to build at.
+
+    A folder artifact is built in a hidden sibling folder, then exchanged with ``out`` in one ``renameat2``
+    (``RENAME_EXCHANGE``; two renames where the file system lacks it) and the old one removed, so that ``out`` holds
+    the old artifact or the new one, never a mix, whenever the process stops. A file artifact (a ``.pt2`` package
+    and the manifest beside it) is built in a hidden sibling folder and moved in, the package first: a stop between
+    the two moves leaves the new package beside the old manifest, whose weights digest no longer matches.
+
+    A lock file beside ``out`` (``.<name>.lock``) refuses a second export into it while one runs; SIGTERM is
+    turned into KeyboardInterrupt while the build runs, so that a kill by ``timeout`` or a scheduler cleans up as
+    Ctrl-C does. An existing non-empty ``out`` that is not a ham-export artifact is refused, never replaced.
+    """
+    from .manifest import MANIFEST
+
+    out = Path(out).absolute()
+    home = out.parent
+    home.mkdir(parents=True, exist_ok=True)
+    if not is_file and out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise InputError(f"{out} exists and is not a ham-export artifact (no {MANIFEST}); choose another -o")
+    with open(home / f".{out.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"another ham-export is writing {out} (it holds {lock.name}); wait for it") from None
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=home))
+        previous = signal.getsignal(signal.SIGTERM) if _main_thread() else None
+        if previous is not None:
+            signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            yield stage / out.name if is_file else stage
+            if is_file:
+                os.replace(stage / out.name, out)
+                os.replace(stage / MANIFEST, home / MANIFEST)
+            else:
+                _replace_folder(stage, out)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    """Put folder ``new`` at ``out``; the old ``out``, if any, ends at ``new`` (removed by the caller)."""
+    if not out.exists():
+        new.rename(out)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    exchange = getattr(libc, "renameat2", None)
+    at_cwd, rename_exchange = -100, 2
+    if exchange is not None and exchange(at_cwd, os.fsencode(new), at_cwd, os.fsencode(out), rename_exchange) == 0:
+        return
+    old = new.with_name(new.name + ".old")  # no atomic exchange here: two renames
+    out.rename(old)
+    new.rename(out)
+    old.rename(new)

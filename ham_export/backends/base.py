@@ -129,12 +129,7 @@ class Runner(ABC):
 
     def check_model(self, model: HAMLM) -> None:
         """Refuse to compare an artifact with a model it was not exported from."""
-        from ..core.checkpoint import weights_sha256
-
-        manifest = self._require_manifest()
-        if manifest.model_sha256 != weights_sha256(model):
-            raise ArtifactError(f"the artifact was exported from other weights (source: {manifest.source}); export "
-                                f"it again from this model")
+        self._require_manifest().check_weights(model)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 

@@ -85,6 +85,14 @@ class Manifest:
     def thresholds(self) -> tuple[float, ...]:
         return self.model.thresholds
 
+    def check_weights(self, model: Any) -> None:
+        """Refuse a model the artifact was not exported from (its weights' digest differs from ``model_sha256``)."""
+        from ..core.checkpoint import weights_sha256
+
+        if self.model_sha256 != weights_sha256(model):
+            raise ArtifactError(f"the artifact was exported from other weights (source: {self.source}); export it "
+                                f"again from this model")
+
     def path(self, program: str) -> Path:
         """The file of a program."""
         if self.directory is None:

@@ -28,13 +28,15 @@ from ..ops.spec import ONNX_DOMAIN, ONNX_DOMAIN_VERSION
 from . import artifact, register
 from .base import Backend, Option, Output, Runner, split_outputs
 from .manifest import ArtifactError, Manifest, Program
-from .programs import HEAD_OUTPUTS, export_programs, program_table, state_names
+from .programs import HEAD_OUTPUTS, check_graph, export_programs, program_table, state_names
 
 log = logging.getLogger(__name__)
 NAME = "onnxruntime"
 OPS_FORMS = ("custom", "standard", "portable")
 IN_PLACE_FORMS = ("custom", "standard")
 SHARED_FIELDS = ("k_cache", "v_cache", "score_cache")
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(bool)": "bool"}
 
 
 def build(model: HAMLM, out: str | Path, capacity: int, policy: str = "drop", source: str | Path | None = None,
@@ -146,6 +148,9 @@ class OrtRunner(Runner):
                 self.sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             except Exception as exc:  # ONNX Runtime raises its own classes for bad files and unknown ops
                 raise ArtifactError(f"ONNX Runtime cannot load {path}: {str(exc).strip()[:500]}") from None
+            session = self.sessions[name]
+            check_graph(self.manifest, name, *([(v.name, _ORT_TYPES.get(v.type, v.type), v.shape) for v in values]
+                                               for values in (session.get_inputs(), session.get_outputs())))
         log.info("onnxruntime runner: ops=%s, share_buffers=%s", op_form(self.manifest), self.share_buffers)
 
     def _release(self) -> None:

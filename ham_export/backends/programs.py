@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.config import HAMConfig
 from ..core.model import HAMLM, LayerState
 from ..errors import InputError
 from .manifest import Program, TensorInfo
@@ -99,9 +100,8 @@ def export_programs(model: HAMLM, capacity: int, policy: str) -> dict[str, torch
     return {"prefill": prefill, "decode": decode}
 
 
-def describe(model: HAMLM, capacity: int, dtype: str) -> dict[str, dict[str, list[TensorInfo]]]:
+def describe(cfg: HAMConfig, capacity: int, dtype: str) -> dict[str, dict[str, list[TensorInfo]]]:
     """Names, dtypes, symbolic shapes and meanings of both programs' inputs and outputs."""
-    cfg = model.cfg
     n, h, dk, dv = cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.head_dim_v
     dtype = {"fp32": "float32", "fp16": "float16"}[dtype]
     shapes = {
@@ -144,7 +144,33 @@ def describe(model: HAMLM, capacity: int, dtype: str) -> dict[str, dict[str, lis
 def program_table(model: HAMLM, capacity: int, dtype: str, files: dict[str, str],
                   model_names: dict[str, str] | None = None) -> dict[str, Program]:
     """The manifest's ``programs``: for prefill and decode, the file (and model name) and every input and output."""
-    described = describe(model, capacity, dtype)
+    described = describe(model.cfg, capacity, dtype)
     return {name: Program(files[name], tuple(io["inputs"]), tuple(io["outputs"]),
                           (model_names or {}).get(name))
             for name, io in described.items()}
+
+
+def check_graph(manifest, program: str, inputs: list[tuple], outputs: list[tuple]) -> None:
+    """Refuse a program whose graph is not the one the manifest's fields describe (a capacity, a dtype or a layer
+    count that lies, a decode file that is the prefill's): ``inputs`` and ``outputs`` are ``(name, dtype name,
+    shape)`` as the runtime reports them, each dim a number or a symbol (or None)."""
+    from .manifest import ArtifactError
+
+    expected = describe(manifest.model, manifest.capacity, manifest.dtype)[program]
+    path = manifest.path(program)
+    for kind, got, want in (("inputs", inputs, expected["inputs"]), ("outputs", outputs, expected["outputs"])):
+        names, wanted = [g[0] for g in got], [w.name for w in want]
+        if names != wanted:
+            first = next((i for i, (a, b) in enumerate(zip(names, wanted, strict=False)) if a != b),
+                         min(len(names), len(wanted)))
+            raise ArtifactError(f"{path} is not the {program} program its manifest describes: {kind} {len(names)}, "
+                                f"expected {len(wanted)}; #{first} is {names[first] if first < len(names) else None!r}"
+                                f", expected {wanted[first] if first < len(wanted) else None!r}")
+        for (name, dtype, shape), info in zip(got, want, strict=True):
+            if dtype != info.dtype:
+                raise ArtifactError(f"{path}: {name} is {dtype} in the graph; the manifest (dtype "
+                                    f"{manifest.dtype}) says {info.dtype}")
+            if len(shape) != len(info.shape) or any(isinstance(g, int) and isinstance(w, int) and g != w
+                                                    for g, w in zip(shape, info.shape, strict=False)):
+                raise ArtifactError(f"{path}: {name} has shape {list(shape)} in the graph; the manifest (capacity "
+                                    f"{manifest.capacity}) says {list(info.shape)}")

@@ -10,6 +10,7 @@ from ..errors import InputError
 
 PROMPT_BYTES = 48
 MAX_PROMPT_BYTES = 4096
+MAX_PROMPTS = 64
 
 
 def default_prompts(count: int = 3) -> torch.Tensor:
@@ -22,12 +23,15 @@ def default_prompts(count: int = 3) -> torch.Tensor:
 
 
 def read_prompts(path: str | Path) -> torch.Tensor:
-    """One prompt per non-empty line of a UTF-8 file, cut to the shortest one: [lines, bytes]."""
+    """One prompt per non-empty line of a UTF-8 file (at most :data:`MAX_PROMPTS`), cut to the shortest one and to
+    :data:`MAX_PROMPT_BYTES`: [lines, bytes]."""
     from ..core.data import read_text_file
 
     lines = [line.encode("utf-8") for line in read_text_file(path).decode("utf-8", "replace").splitlines()
              if line.strip()]
     if not lines:
         raise InputError(f"{path} holds no prompt (one per non-empty line)")
+    if len(lines) > MAX_PROMPTS:
+        raise InputError(f"{path} holds {len(lines):,} prompts; a check takes at most {MAX_PROMPTS} (one a line)")
     length = min(min(len(line) for line in lines), MAX_PROMPT_BYTES)
     return torch.tensor([list(line[:length]) for line in lines])

@@ -167,8 +167,13 @@ def _build(payload: dict[str, Any], path: Path) -> HAMLM:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: state_dict must map names to tensors")
 
-    model = HAMLM(cfg, seed=None)
-    expected = model.state_dict()
+    # The config is checked against the file's tensors before anything is allocated: a config that claims a
+    # vocabulary of 10^10 or 10^9 layers is refused, not built.
+    layers = {key.split(".")[1] for key in state if key.startswith("blocks.")}
+    if len(layers) != cfg.n_layers:
+        raise CheckpointError(f"{path}: config.n_layers is {cfg.n_layers:,} but the weights hold {len(layers)} layers")
+    with torch.device("meta"):
+        expected = HAMLM(cfg, seed=None).state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [f"{k}: shape {tuple(state[k].shape)} in the file, {tuple(v.shape)} for the config"
@@ -181,6 +186,7 @@ def _build(payload: dict[str, Any], path: Path) -> HAMLM:
     bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{path}: non-finite values in {', '.join(bad[:5])}")
+    model = HAMLM(cfg, seed=None)  # its sizes are now the file's own
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.eval()
     return model

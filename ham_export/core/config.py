@@ -17,6 +17,11 @@ from ..errors import ConfigError
 ROUTERS = ("cosine", "learned")
 
 
+MAX_SIZE = (1 << 31) - 1
+"""The largest size a config field may give (the kernels index with int32)."""
+MAX_LAYERS = 1024
+
+
 @dataclass(frozen=True)
 class HAMConfig:
     """Shapes and switches of a HAM language model.
@@ -59,6 +64,9 @@ class HAMConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"config.{name} must be a positive integer, got {value!r}")
+            bound = MAX_LAYERS if name == "n_layers" else MAX_SIZE
+            if value > bound:
+                raise ConfigError(f"config.{name} must be at most {bound:,}, got {value:,}")
         if self.router not in ROUTERS:
             raise ConfigError(f"config.router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):

@@ -5,6 +5,7 @@ quality cost of a budget-safe cache (fixed capacity, ``evict`` policy) against t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,6 +254,11 @@ def plot_report(report: MemoryReport, path: str | Path) -> Path:
     ax.set_title(f"{Path(report.model).name}: memory and quality against threshold")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
+    partial = path.with_name(f".{path.name}.partial")  # then renamed: a reader never sees half a PNG
+    try:
+        fig.savefig(partial, format=path.suffix.lstrip(".") or "png")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+        plt.close(fig)
     return path
