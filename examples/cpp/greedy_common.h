@@ -6,6 +6,8 @@
 #ifndef HAM_EXAMPLES_CPP_GREEDY_COMMON_H_
 #define HAM_EXAMPLES_CPP_GREEDY_COMMON_H_
 
+#include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
@@ -31,14 +33,34 @@ inline std::string ReadFile(const std::string& path) {
   return text.str();
 }
 
-// The numbers of the first "thresholds": [...] array in the manifest text read from manifest_path (a flat list of
-// floats; no JSON library).
+// The value text after the first "key": in the manifest text ("" when the key is absent; no JSON library).
+inline size_t ValueStart(const std::string& text, const std::string& key) {
+  size_t at = text.find("\"" + key + "\"");
+  if (at == std::string::npos) return std::string::npos;
+  size_t colon = text.find(':', at);
+  return colon == std::string::npos ? colon : text.find_first_not_of(" \t\r\n", colon + 1);
+}
+
+// The manifest's model layer count ("n_layers" of its "model"): a whole number from 1 to 1024.
+inline long ManifestLayers(const std::string& manifest_path, const std::string& text) {
+  size_t start = ValueStart(text, "n_layers");
+  if (start == std::string::npos) throw UsageError(manifest_path + " has no \"n_layers\"");
+  char* end = nullptr;
+  errno = 0;
+  long layers = std::strtol(text.c_str() + start, &end, 10);
+  if (errno != 0 || end == text.c_str() + start || layers < 1 || layers > 1024) {
+    throw UsageError(manifest_path + ": \"n_layers\" must be a whole number from 1 to 1024");
+  }
+  return layers;
+}
+
+// The "thresholds" array of the manifest text read from manifest_path: exactly one finite number per layer (the
+// compiled programs read that many, and a shorter list would be read past its end).
 inline std::vector<float> ManifestThresholds(const std::string& manifest_path, const std::string& text) {
-  size_t key = text.find("\"thresholds\"");
-  if (key == std::string::npos) throw UsageError(manifest_path + " has no \"thresholds\"");
-  size_t open = text.find('[', key);
+  size_t open = ValueStart(text, "thresholds");
+  if (open == std::string::npos) throw UsageError(manifest_path + " has no \"thresholds\"");
   size_t close = text.find(']', open);
-  if (open == std::string::npos || close == std::string::npos) {
+  if (text[open] != '[' || close == std::string::npos) {
     throw UsageError(manifest_path + ": \"thresholds\" is not an array");
   }
   std::vector<float> values;
@@ -48,24 +70,38 @@ inline std::vector<float> ManifestThresholds(const std::string& manifest_path, c
   while (std::getline(items, item, ',')) {
     if (item.find_first_not_of(" \t\r\n") == std::string::npos) continue;
     char* end = nullptr;
+    errno = 0;
     double v = std::strtod(item.c_str(), &end);
-    if (end == item.c_str()) throw UsageError(manifest_path + ": bad threshold '" + item + "'");
+    bool trailing = std::string(end).find_first_not_of(" \t\r\n") != std::string::npos;
+    if (end == item.c_str() || trailing || errno != 0 || !std::isfinite(v)) {
+      throw UsageError(manifest_path + ": bad threshold '" + item + "' (a finite number is needed)");
+    }
     values.push_back(static_cast<float>(v));
   }
-  if (values.empty()) throw UsageError(manifest_path + ": empty \"thresholds\"");
+  long layers = ManifestLayers(manifest_path, text);
+  if (static_cast<long>(values.size()) != layers) {
+    throw UsageError(manifest_path + ": \"thresholds\" holds " + std::to_string(values.size()) +
+                     " values; the model has " + std::to_string(layers) + " layers");
+  }
   return values;
 }
 
-// The PROMPT and STEPS arguments, checked: STEPS a whole number >= 0, PROMPT not empty.
+// The PROMPT and STEPS arguments, checked: STEPS digits only, from 0 to kMaxSteps; PROMPT not empty.
 struct Request {
   std::string prompt;
   long steps;
 };
 
+constexpr long kMaxSteps = 65536;  // as ham-export check --steps
+
 inline Request ParseRequest(const std::string& prompt, const std::string& steps_text) {
-  char* end = nullptr;
-  long steps = std::strtol(steps_text.c_str(), &end, 10);
-  if (steps_text.empty() || *end != '\0' || steps < 0) throw UsageError("STEPS must be a whole number >= 0");
+  bool digits = !steps_text.empty() && steps_text.find_first_not_of("0123456789") == std::string::npos;
+  errno = 0;
+  long steps = digits ? std::strtol(steps_text.c_str(), nullptr, 10) : -1;
+  if (!digits || errno != 0 || steps > kMaxSteps) {
+    throw UsageError("STEPS must be a whole number from 0 to " + std::to_string(kMaxSteps) + ", got '" + steps_text +
+                     "'");
+  }
   if (prompt.empty()) throw UsageError("PROMPT must not be empty");
   return Request{prompt, steps};
 }

@@ -56,8 +56,27 @@ def test_cpp_package_folder_and_zero_steps(program, package):
 
 def test_cpp_bad_arguments(program, package, tmp_path):
     for args in [(package, "hi"), (package, "hi", "x"), (package, "hi", -1), (package, "", 3), ("--ops",),
-                 (tmp_path, "hi", 3), (tmp_path / "model.pt2", "hi", 3)]:
+                 (tmp_path, "hi", 3), (tmp_path / "model.pt2", "hi", 3), (package, "hi", " 3"), (package, "hi", "+3"),
+                 (package, "hi", "99999999999999999999999"), (package, "hi", 65537)]:
         assert_usage_error(run(program, *args))
+
+
+@pytest.mark.parametrize(("thresholds", "needle"), [
+    ([0.5], "holds 1 values; the model has"),
+    (["NaN", 0.5, 0.5, 0.5], "bad threshold"),
+    ("0.5", "is not an array"),
+])
+def test_cpp_bad_manifest_thresholds(program, package, tmp_path, thresholds, needle):
+    """The compiled programs read one threshold per layer: a manifest with fewer, non-finite ones or no array is
+    refused before anything runs (a shorter tensor would be read past its end)."""
+    import json
+
+    data = json.loads((package.parent / "ham_export.json").read_text())
+    data["thresholds"] = thresholds
+    text = json.dumps(data).replace('"NaN"', "NaN")
+    shutil.copy(package, tmp_path / "model.pt2")
+    (tmp_path / "ham_export.json").write_text(text)
+    assert_usage_error(run(program, tmp_path / "model.pt2", "hi", 3), needle)
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(package, lone / "model.pt2")  # no manifest beside it
