@@ -408,11 +408,11 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
     if plot:
         plot_report(report, plot)
     result = report.to_dict()
-    failed = (report.budget is not None and report.budget.best is None) or any(
-        not v["within_tolerance"] for v in report.verification or [])
+    failed = _memory_failures(report)
     if as_json:
         _emit_json(result)
         if failed:
+            click.echo(f"error: {failed}", err=True)
             sys.exit(1)
         return
     table = Table(title=f"{ckpt.path}: memory at context {context:,}, batch {batch}, {dtype} (fill measured on "
@@ -468,7 +468,25 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
     if plot:
         out.print(f"wrote {plot}")
     if failed:
+        click.echo(f"error: {failed}", err=True)
         sys.exit(1)
+
+
+def _memory_failures(report) -> str:
+    """Why ``memory`` exits 1, in one line ("" when it does not): no threshold fits the budget, or the memory an
+    artifact held differs from the prediction by more than the tolerance."""
+    from .memory.units import format_size
+    from .memory.verify import TOLERANCE
+
+    reasons = []
+    if report.budget is not None and report.budget.best is None:
+        reasons.append(f"no threshold fits the budget of {format_size(report.budget.budget)}")
+    off = [v for v in report.verification or [] if not v["within_tolerance"]]
+    if off:
+        reasons.append("the memory the artifact held differs from the prediction by more than "
+                       f"{100 * TOLERANCE:g}% at " + ", ".join(f"tau={v['threshold']:g} "
+                                                             f"({100 * v['relative_difference']:+.1f}%)" for v in off))
+    return "; ".join(reasons)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def test_cli_json_and_no_fit_exit_1(tmp_path):
             "--json"]
     result = runner.invoke(main, [*args, "--budget", "3.6MiB"])
     assert result.exit_code == 1, result.output
-    data = json.loads(result.output)
+    assert result.stderr.strip() == "error: no threshold fits the budget of 3.60 MiB", result.stderr
+    data = json.loads(result.stdout)
     assert data["budget"]["fits"] is False and data["budget"]["capacity"] >= 1
     assert [r["fits"] for r in data["rows"]] == [False, False]
     result = runner.invoke(main, [*args, "--budget", "1GiB"])
