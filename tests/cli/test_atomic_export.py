@@ -75,7 +75,10 @@ def test_an_interrupt_exits_130_and_keeps_the_old_artifact(model_path, tmp_path,
     finished(model_path, out, OLD)
     before = (out / MANIFEST).read_bytes()
     proc = export(model_path, out, NEW)
-    time.sleep(4.0)  # past the imports: inside the export
+    deadline = time.monotonic() + 120
+    while not leftovers(out):  # the hidden build folder: the export is under way (for several seconds)
+        assert proc.poll() is None and time.monotonic() < deadline, "the export never started building"
+        time.sleep(0.05)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-600:]
