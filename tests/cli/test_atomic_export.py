@@ -28,10 +28,17 @@ def model_path(tmp_path_factory):
     return checkpoint.save_pt(make_small_model(), tmp_path_factory.mktemp("atomic") / "model.pt")
 
 
-def export(model_path, out, capacity, **popen):
+def _as_at_a_terminal() -> None:
+    """In the child: SIGINT at its default, as a command started at a terminal has it (a test run started in the
+    background inherits it ignored, and Python then never turns it into KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def export(model_path, out, capacity):
     command = [sys.executable, "-c", "from ham_export.cli import main; main()", "onnx", str(model_path), "-o",
                str(out), "--ops", "standard", "--max-cache", str(capacity)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_at_a_terminal)
 
 
 def finished(model_path, out, capacity) -> None:
