@@ -61,16 +61,16 @@ def _at_most(flag: str, value: int | None, bound: int) -> None:
         raise InputError(f"{flag} must be at most {bound:,}, got {value:,}")
 
 
-def _writable(path: str, what: str) -> None:
-    """Refuse, before any work, an output path that cannot be written: under a file, or in a folder that is missing
-    (``what="file"``: its folder must exist) or not writable."""
+def _writable(path: str, what: str, create: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written: under a file, in a folder that is not
+    writable, or (``what="file"`` and not ``create``) in a folder that does not exist."""
     import os
 
     target = Path(path)
     if target.exists() and (target.is_dir() if what == "file" else not target.is_dir()):
         raise InputError(f"{path} is a {'folder' if target.is_dir() else 'file'}; a {what} path is needed")
     parent = target.parent if what == "file" else target
-    if what == "file" and not parent.is_dir():
+    if what == "file" and not create and not parent.is_dir():
         raise InputError(f"cannot write {path}: the folder {parent} does not exist")
     ancestor = parent
     while not ancestor.exists():
@@ -213,7 +213,7 @@ def _export_command(backend) -> click.Command:
 
         _at_most("--max-cache", max_cache, MAX_CAPACITY)
         _at_most("--context", context, MAX_CAPACITY)
-        _writable(out, "file" if is_file else "folder")
+        _writable(out, "file" if is_file else "folder", create=True)  # an export makes its folders
         ckpt = checkpoint.load(model)
         capacity = max_cache or context
         with artifact.written_atomically(out, is_file) as target:
