@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -64,8 +65,6 @@ def _at_most(flag: str, value: int | None, bound: int) -> None:
 def _writable(path: str, what: str, create: bool = False) -> None:
     """Refuse, before any work, an output path that cannot be written: under a file, in a folder that is not
     writable, or (``what="file"`` and not ``create``) in a folder that does not exist."""
-    import os
-
     target = Path(path)
     if target.exists() and (target.is_dir() if what == "file" else not target.is_dir()):
         raise InputError(f"{path} is a {'folder' if target.is_dir() else 'file'}; a {what} path is needed")
