@@ -316,13 +316,13 @@ def check(model: str, artifact: str, prompts: str | None, steps: int, thresholds
         table = Table(title=f"{artifact} ({report.backend}) vs eager: {tokens.shape[0]} prompts of "
                             f"{tokens.shape[1]} bytes + {steps} steps")
         for column in ("threshold", "result", "max |logit err|", "max state err", "min atol",
-                       "near flips", "far flips", "compared", "KV fraction"):
+                       "near flips", "near ties", "far flips", "compared", "KV fraction"):
             table.add_column(column, justify="right")
         for r in report.rows:
             label = f"{r.threshold:g}" if isinstance(r.threshold, float) else "own"
             table.add_row(label, "[green]pass[/]" if r.passed else "[red]FAIL[/]", f"{r.max_abs_err:.2e}",
-                          f"{r.max_state_err:.2e}", f"{r.min_atol:.2e}", str(r.near_flips), str(r.far_flips),
-                          f"{r.compared_sequences}/{r.sequences}", f"{r.kv_fraction:.3f}")
+                          f"{r.max_state_err:.2e}", f"{r.min_atol:.2e}", str(r.near_flips), str(r.near_ties),
+                          str(r.far_flips), f"{r.compared_sequences}/{r.sequences}", f"{r.kv_fraction:.3f}")
         out.print(table)
         for r in report.rows:
             for failure in r.failures[:5]:

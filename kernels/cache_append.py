@@ -8,9 +8,10 @@ in blocks of ``BLOCK_T = min(32, next_power_of_2(T))`` (1 in decode): a prefix s
 carried from block to block) gives each routed token its slot ``length + count - 1``; the tokens whose slot is below
 C are written in parallel, their score and, head by head, their key and value row. Under ``evict`` (``EVICT``, a
 constexpr), and only when the row overflows, the tokens that found the cache full are then taken one at a time, in
-order: an argmin over ``score_cache[b, :C]`` in blocks of ``BLOCK_C = min(256, next_power_of_2(C))`` finds the first
-lowest entry, which a strictly higher score replaces (a NaN in the row, or a NaN score, replaces nothing:
-``torch.argmin`` takes a NaN as the lowest and no score is above it). A barrier separates each write from the reads
+order: an argmin over the keys of ``score_cache[b, :C]`` (each score rounded to the grid of ``spec.EVICT_GRID``) in
+blocks of ``BLOCK_C = min(256, next_power_of_2(C))`` finds the first lowest entry, which a strictly higher key
+replaces (a NaN in the row, or a NaN score, replaces nothing: ``torch.argmin`` takes a NaN as the lowest and no
+score is above it). A barrier separates each write from the reads
 that follow it (other threads of the program read what one thread wrote), and one more precedes the last step:
 ``length`` becomes ``min(length + routed, C)`` and ``overflow`` ``max(length + routed - C, 0)``. Configs are pinned,
 never autotuned: the kernel writes the cache in place.
@@ -26,11 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ham_export.ops.spec import CACHE_APPEND, INVALID_LENGTH
+from ham_export.ops.spec import CACHE_APPEND, EVICT_GRID, INVALID_LENGTH
 
 from . import _validate
 
 BLOCK_T = 32  # most new tokens per block
+GRID = tl.constexpr(float(EVICT_GRID))  # eviction compares keys floor(score * GRID + 0.5) (spec.EVICT_GRID)
 BLOCK_C = 256  # most cache entries per block of the eviction argmin
 NUM_WARPS = 4
 
@@ -92,12 +94,14 @@ def _cache_append_kernel(
                 seen += routed_t.to(tl.int64)
                 if routed_t & (length + seen > C):
                     new = tl.load(score_ptr + b * ss_b + t * ss_t)
+                    new_key = tl.floor(new.to(tl.float32) * GRID + 0.5)
                     best = tl.full((), float("inf"), tl.float32)
                     best_j = tl.zeros((), tl.int32)
                     has_nan = tl.zeros((), tl.int32)
                     for c0 in range(0, C, BLOCK_C):
                         offs_c = c0 + tl.arange(0, BLOCK_C)
                         s = tl.load(sc_row + offs_c * ssc_c, mask=offs_c < C, other=float("inf")).to(tl.float32)
+                        s = tl.floor(s * GRID + 0.5)  # the keys
                         is_nan = s != s
                         has_nan = tl.maximum(has_nan, tl.max(is_nan.to(tl.int32), axis=0))
                         s = tl.where(is_nan, float("inf"), s)
@@ -106,7 +110,7 @@ def _cache_append_kernel(
                         better = low < best  # strictly: the first lowest slot wins
                         best_j = tl.where(better, j, best_j)
                         best = tl.where(better, low, best)
-                    if (has_nan == 0) & (new.to(tl.float32) > best):
+                    if (has_nan == 0) & (new_key > best):
                         tl.store(sc_row + best_j * ssc_c, new)
                         for h in range(0, H):
                             kt = tl.load(k_row + h * sk_h + t * sk_t + offs_k * sk_k, mask=mask_k)

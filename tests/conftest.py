@@ -30,14 +30,20 @@ def router(request) -> str:
     return request.param
 
 
-def make_small_model(router: str = "cosine") -> HAMLM:
+def make_small_model(router: str = "cosine", **overrides) -> HAMLM:
     torch.manual_seed(0)
-    model = HAMLM(small_config(router=router), seed=0)
+    model = HAMLM(small_config(router=router, **overrides), seed=0)
     # Break the symmetry of a fresh init so that the layers route differently from each other.
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model.eval()
+
+
+def make_saturated_model() -> HAMLM:
+    """A cosine-router model whose scores saturate: one value per head (d_v = 1), so 1 - cos(vhat, v) is 0 or 2 up
+    to rounding (0 and 2^-24 for one score computed two ways), and evictions meet exact and 1-ulp ties."""
+    return make_small_model("cosine", head_dim_v=1)
 
 
 @pytest.fixture

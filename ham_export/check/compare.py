@@ -4,7 +4,10 @@ Both runners get the same prompts, a prefill and then N decode steps, feeding bo
 token, so an error cannot hide behind a different continuation. Route decisions are discrete and compared
 exactly. A flip at a token whose eager score lies within ``margin`` of the threshold is rounding, not a bug: it is
 reported apart, and the sequence is not compared after it (its caches legitimately differ from then on). A flip
-farther from the threshold fails the check.
+farther from the threshold fails the check. Under ``evict``, a sequence whose caches differ after an eviction
+decision that a change of the scores by ``margin`` could have changed (a near tie on the eviction grid,
+:func:`ham_export.ops.reference.evict_near_ties`) is reported apart the same way (a near tie); where the caches
+agree, it goes on being compared.
 
 Tolerance policy: a value passes when |candidate - eager| <= atol + rtol * |eager|, for the logits, the scores,
 the GDN state, the conv tails and the valid cache entries; lengths and overflow counts must be equal. The report
@@ -19,6 +22,7 @@ import torch
 
 from ..backends.base import Output, Runner
 from ..backends.programs import STATE_FIELDS
+from ..ops.reference import evict_near_ties
 
 DEFAULT_TOLERANCE = {"fp32": (1e-4, 1e-4, 1e-4), "fp16": (3e-2, 3e-2, 1e-2)}  # atol, rtol, margin
 
@@ -36,9 +40,10 @@ class ThresholdResult:
     overflow_mismatches: int = 0
     far_flips: int = 0
     near_flips: int = 0
+    near_ties: int = 0  # sequences whose caches differ after an eviction decided by a near tie
     diverged_sequences: int = 0
     sequences: int = 0
-    compared_sequences: int = 0  # sequences compared to the last step (no near flip)
+    compared_sequences: int = 0  # sequences compared to the last step (no near flip, no near tie)
     kv_fraction: float = 0.0
     failures: list[str] = field(default_factory=list)
 
@@ -51,7 +56,7 @@ class ThresholdResult:
             "threshold": self.threshold, "passed": self.passed, "steps": self.steps,
             "max_abs_err": self.max_abs_err, "max_state_err": self.max_state_err, "min_atol": self.min_atol,
             "length_mismatches": self.length_mismatches, "overflow_mismatches": self.overflow_mismatches,
-            "far_flips": self.far_flips, "near_flips": self.near_flips,
+            "far_flips": self.far_flips, "near_flips": self.near_flips, "near_ties": self.near_ties,
             "diverged_sequences": self.diverged_sequences, "sequences": self.sequences,
             "compared_sequences": self.compared_sequences, "kv_fraction": self.kv_fraction,
             "failures": self.failures,
@@ -61,10 +66,53 @@ class ThresholdResult:
 class _Tracker:
     """Accumulates errors over the calls of one threshold, over the sequences still comparable."""
 
-    def __init__(self, result: ThresholdResult, atol: float, rtol: float, margin: float, batch: int) -> None:
-        self.result, self.atol, self.rtol, self.margin = result, atol, rtol, margin
-        self.live = torch.ones(batch, dtype=torch.bool)  # sequences not yet past a near-threshold flip
+    def __init__(self, result: ThresholdResult, atol: float, rtol: float, margin: float, batch: int,
+                 policy: str) -> None:
+        self.result, self.atol, self.rtol, self.margin, self.policy = result, atol, rtol, margin, policy
+        self.live = torch.ones(batch, dtype=torch.bool)  # sequences not yet past a near flip or a near tie
         self.routed = self.tokens = 0
+        self.caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # eager's (score_cache, length) per layer
+
+    def _caches_differ(self, ref_state: list[torch.Tensor], got_state: list[torch.Tensor]) -> torch.Tensor:
+        """[B] bool: the sequences whose caches (length, valid keys, values and scores) differ, in any layer."""
+        n = len(STATE_FIELDS)
+        batch = ref_state[STATE_FIELDS.index("length")].shape[0]
+        differ = torch.zeros(batch, dtype=torch.bool)
+        for i in range(0, len(ref_state), n):
+            ref, got = (dict(zip(STATE_FIELDS, (x.cpu() for x in state[i: i + n]), strict=True))
+                        for state in (ref_state, got_state))
+            for b in range(batch):
+                valid = int(ref["length"][b])
+                if int(got["length"][b]) != valid:
+                    differ[b] = True
+                    continue
+                for name, index in (("k_cache", (b, slice(None), slice(0, valid))),
+                                    ("v_cache", (b, slice(None), slice(0, valid))),
+                                    ("score_cache", (b, slice(0, valid)))):
+                    want, have = ref[name][index].double(), got[name][index].double()
+                    if have.shape != want.shape or not bool(((have - want).abs()
+                                                             <= self.atol + self.rtol * want.abs()).all()):
+                        differ[b] = True
+        return differ
+
+    def _near_ties(self, ref: Output, ref_state: list[torch.Tensor]) -> torch.Tensor:
+        """[B] bool: the sequences where an eviction decision of this call was a near tie (eager's view)."""
+        n = len(STATE_FIELDS)
+        score_at, length_at = STATE_FIELDS.index("score_cache"), STATE_FIELDS.index("length")
+        after = [(ref_state[i + score_at].cpu(), ref_state[i + length_at].cpu()) for i in range(0, len(ref_state), n)]
+        before, self.caches = self.caches, after
+        near = torch.zeros(ref.routed.shape[1], dtype=torch.bool)
+        if self.policy != "evict":
+            return near
+        for layer, (score_cache, _) in enumerate(after):
+            spilled = ref.overflow[layer] > 0
+            if not bool(spilled.any()):
+                continue
+            old_scores, old_length = before[layer] if before else (torch.zeros_like(score_cache),
+                                                                   torch.zeros(len(score_cache), dtype=torch.int64))
+            near |= spilled & evict_near_ties(old_scores, old_length, ref.scores[layer], ref.routed[layer],
+                                              self.margin)
+        return near
 
     def _close(self, what: str, ref: torch.Tensor, got: torch.Tensor, is_logits: bool) -> None:
         ref, got = ref.double(), got.double()
@@ -106,11 +154,15 @@ class _Tracker:
                 f"{tok}: eager score {float(ref.scores[layer, seq, tok]):.6f}, tau {float(tau[layer]):.6f})")
         near_flips = live & (first_near < t)  # [B]
         self.result.near_flips += int(near_flips.sum())
+        near_ties = live & ~near_flips & self._near_ties(ref, ref_state)
+        if bool(near_ties.any()):  # a near tie only ends the comparison where the two decided differently
+            near_ties &= self._caches_differ(ref_state, got_state)
+        self.result.near_ties += int(near_ties.sum())
         self.routed += int(ref.routed[:, live].sum())
         self.tokens += int(ref.routed[:, live].numel())
-        # Outputs and state of the sequences that had no near-threshold flip before or in this call.
-        keep = live & ~near_flips
-        self.result.diverged_sequences += int(near_flips.sum())
+        # Outputs and state of the sequences that had no near flip or near tie before or in this call.
+        keep = live & ~near_flips & ~near_ties
+        self.result.diverged_sequences += int((near_flips | near_ties).sum())
         self.live = keep
         if not bool(keep.any()):
             return
@@ -146,7 +198,7 @@ def compare(reference: Runner, candidate: Runner, prompts: torch.Tensor, thresho
     for threshold in thresholds:
         tau = reference.check_thresholds(torch.as_tensor(threshold, dtype=torch.float32))
         result = ThresholdResult(threshold=threshold, steps=steps)
-        tracker = _Tracker(result, atol, rtol, margin, prompts.shape[0])
+        tracker = _Tracker(result, atol, rtol, margin, prompts.shape[0], reference.policy)
         ref_out, ref_state = reference.prefill(prompts, tau)
         got_out, got_state = candidate.prefill(prompts, tau)
         tracker.compare("prefill", tau, ref_out.cpu(), got_out.cpu(), reference.state_tensors(ref_state),
@@ -165,7 +217,7 @@ def compare(reference: Runner, candidate: Runner, prompts: torch.Tensor, thresho
         result.sequences, result.compared_sequences = prompts.shape[0], int(tracker.live.sum())
         if result.compared_sequences == 0:
             result.failures.append("no sequence was compared to the end: each one diverged at a near-threshold "
-                                   "flip; choose another threshold or other prompts")
+                                   "flip or an eviction near tie; choose another threshold or other prompts")
         result.kv_fraction = tracker.routed / max(1, tracker.tokens)
         results.append(result)
     return results

@@ -136,6 +136,8 @@ def generate() -> str:
         f"inline constexpr int64_t kMinSize = {specs.MIN_SIZE};",
         f"inline constexpr int64_t kInvalidLength = {specs.INVALID_LENGTH};  // overflow of a row a device kernel "
         "refused",
+        f"inline constexpr float kEvictGrid = {specs.EVICT_GRID}.0f;  // eviction key: floor(float(score) * kEvictGrid "
+        "+ 0.5f)",
         "",
     ]
     for spec in specs.OPS:

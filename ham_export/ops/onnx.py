@@ -51,9 +51,10 @@ Portable form (opset 18), in short:
   exactly 0 after ``Exp``; a row with no key sums to 0 and gives 0, as in the reference.
 * CacheAppend: slot = length + CumSum(routed) - 1; the tokens that fit are scattered into a slot -> token map (a
   dummy column takes the rest; O(B (T + C)), no [B, T, C] one-hot). Under ``evict`` the tokens that found the
-  cache full then update that map one at a time (first lowest score; a strictly higher score wins), in an ONNX
-  ``Loop`` whose trip count is the largest overflow of the batch (0 when nothing overflows), or unrolled when T is
-  static and at most :data:`UNROLL_MAX_T`, so that decode graphs have no control flow. Keys, values and scores
+  cache full then update that map one at a time (first lowest key, the score on the eviction grid; a strictly
+  higher key wins), in an ONNX ``Loop`` whose trip count is the largest overflow of the batch (0 when nothing
+  overflows), or unrolled when T is static and at most :data:`UNROLL_MAX_T`, so that decode graphs have no control
+  flow. Keys, values and scores
   are then gathered once (``GatherND`` with ``batch_dims=2``) and put in place with ``Where``: copies, exact in
   any dtype.
 * GdnPrefill: an ONNX ``Scan`` over the token axis (dynamic T) with the per-token delta rule of
@@ -282,9 +283,15 @@ class _BodyOps:
         return record
 
 
+def _evict_key(score32):
+    """The eviction key of float32 scores: floor(score * EVICT_GRID + 0.5) (spec.EVICT_GRID)."""
+    return op.Floor(op.Add(op.Mul(score32, _const(float(opspec.EVICT_GRID), np.float32)), _const(0.5, np.float32)))
+
+
 def _evict_step(ops, i, src, *, routed, spill, overflow, score, score_cache, slots):
     """One token of the evict phase, for every batch row at once: the ``i``-th routed token that found the cache
-    full (where the row has one) replaces the first lowest-score entry if its score is strictly higher.
+    full (where the row has one) replaces the first entry of lowest key if its key is strictly higher (``score``
+    and ``score_cache`` hold the keys, :func:`_evict_key`).
 
     ``ops`` is ``op`` (unrolled) or a :class:`_BodyOps` (Loop body). ``src`` [B, C] int64 maps each slot to the
     new token that it holds now, -1 where it keeps its cached entry; ``spill`` [B, T] is slot - C, the rank of a
@@ -347,8 +354,8 @@ def cache_append_portable(k_cache, v_cache, score_cache, length, k, v, score, ro
     if policy == "evict":
         score32, score_cache32 = _to_float32(score, score_cache)
         slots = op.Unsqueeze(op.Range(0, op.Squeeze(capacity), 1), [0])  # [1, C]
-        step_inputs = dict(routed=routed, spill=op.Sub(slot, capacity), overflow=overflow, score=score32,
-                           score_cache=score_cache32, slots=slots)
+        step_inputs = dict(routed=routed, spill=op.Sub(slot, capacity), overflow=overflow, score=_evict_key(score32),
+                           score_cache=_evict_key(score_cache32), slots=slots)
         static_t = _static_dim(k, 2)
         if static_t is not None and static_t <= UNROLL_MAX_T:
             for i in range(static_t):

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .spec import CACHE_APPEND, CACHE_ATTENTION, GDN_PREFILL
+from .spec import CACHE_APPEND, CACHE_ATTENTION, EVICT_GRID, GDN_PREFILL
 
 L2_EPS = 1e-6
 COS_EPS = 1e-8
@@ -225,8 +225,9 @@ def cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, score_cache: torc
         length: [B] int64 valid entries; k: [B, H, T, K]; v: [B, H, T, V]; score: [B, T]; routed: [B, T] bool;
         policy: what a routed token does when it finds the cache full:
             ``drop``: it is not stored;
-            ``evict``: it replaces the entry with the lowest score (the first such slot) if its own score is
-            higher, and is not stored otherwise; the entries of earlier tokens of the same call count too.
+            ``evict``: it replaces the entry with the lowest score key (:func:`evict_key`; the lowest slot among
+            equal keys) if its own key is higher, and is not stored otherwise; the entries of earlier tokens of
+            the same call count too.
 
     Returns:
         k_cache, v_cache, score_cache, length, overflow: [B] int64 routed tokens of this call that found the cache
@@ -254,10 +255,62 @@ def cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, score_cache: torc
     if policy == "evict" and bool((overflow > 0).any()):
         k_new, v_new, s_new = k_new.clone(), v_new.clone(), s_new.clone()
         for b, t in (routed & ~fits).nonzero().tolist():  # the tokens that found the cache full, in order
-            j = int(s_new[b].argmin())
-            if bool(score[b, t] > s_new[b, j]):
+            j = evict_slot(s_new[b], score[b, t])
+            if j is not None:
                 k_new[b, :, j], v_new[b, :, j], s_new[b, j] = k[b, :, t], v[b, :, t], score[b, t]
     return k_new, v_new, s_new, new_length, overflow
+
+
+def evict_key(score: torch.Tensor) -> torch.Tensor:
+    """The key eviction compares: the score rounded to the grid (:data:`ham_export.ops.spec.EVICT_GRID`), as
+    floor(float32(score) * grid + 0.5), in float32 (exact; NaN stays NaN)."""
+    return torch.floor(score.float() * EVICT_GRID + 0.5)
+
+
+def evict_slot(scores: torch.Tensor, new: torch.Tensor) -> int | None:
+    """The slot of a full cache with entry scores ``scores`` [C] that a token of score ``new`` replaces: the lowest
+    key, the lowest slot among equal keys (a NaN is the lowest), if ``new``'s key is strictly higher; else None."""
+    keys = evict_key(scores)
+    j = int(keys.argmin())  # torch.argmin: the first minimum, a NaN first
+    return j if bool(evict_key(new) > keys[j]) else None
+
+
+def evict_near_ties(score_cache: torch.Tensor, length: torch.Tensor, score: torch.Tensor, routed: torch.Tensor,
+                    margin: float) -> torch.Tensor:
+    """Which rows of a :func:`cache_append` call under ``evict`` made an eviction decision that a change of any
+    score involved by at most ``margin`` could have changed (a different slot, or evicting instead of not): [B]
+    bool. Other implementations compute the scores with rounding errors, so such a decision may legitimately
+    differ; ``ham-export check`` reports it apart, as a near-threshold route flip.
+
+    Args: as :func:`cache_append` (the caches before the call; scores only).
+    """
+    capacity = score_cache.shape[1]
+    near = torch.zeros(score.shape[0], dtype=torch.bool)
+    for b in range(score.shape[0]):
+        cached = score_cache[b].float().clone()
+        used = int(length[b])
+        for t in routed[b].nonzero().flatten().tolist():
+            if used < capacity:
+                cached[used] = score[b, t]
+                used += 1
+                continue
+            low, high = evict_key(cached - margin), evict_key(cached + margin)
+            j = int(evict_key(cached).argmin())
+            new = score[b, t].float()
+            others = torch.arange(capacity) != j
+            # Robust when no other entry can reach j's key from above (ties go to the lower slot) and the new
+            # token's comparison with j's key cannot change.
+            ahead = torch.arange(capacity) < j
+            slot_moves = bool((others & ((low < high[j]) | (ahead & (low <= high[j])))).any())
+            key_low, key_high = evict_key(new - margin), evict_key(new + margin)
+            compare_moves = not (bool(key_low > high[j]) or bool(key_high <= low[j]))
+            if bool(cached.isnan().any()) or not (slot_moves or compare_moves):
+                if evict_slot(cached, new) is not None:
+                    cached[j] = new
+                continue
+            near[b] = True
+            break
+    return near
 
 
 def cache_append_(k_cache: torch.Tensor, v_cache: torch.Tensor, score_cache: torch.Tensor, length: torch.Tensor,

@@ -46,6 +46,11 @@ ONNX_DOMAIN_VERSION = 1
 MIN_SIZE = 1
 INVALID_LENGTH = -1
 """The ``overflow`` a device kernel reports for a batch row whose ``length`` was outside [0, C] (nothing written)."""
+EVICT_GRID = 1024
+"""Eviction compares router scores on a grid of 1 / EVICT_GRID, by their key floor(float32(score) * EVICT_GRID +
+0.5) (the score rounded to the grid; exact in float32, NaN stays NaN): scores a few ulps apart (one score computed
+in a prefill and again in a decode step, or by two backends) have one key, and then the lowest slot decides. The
+lines between keys lie halfway between grid points, away from the saturated scores 0, 1 and 2."""
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = ("T", "int64", "bool")
@@ -314,8 +319,9 @@ CACHE_APPEND = OpSpec(
                                       f"row refused for an invalid length)"),
     ),
     attributes=(Attr("policy", ("drop", "evict"),
-                     "drop: a token that finds the cache full is not stored; evict: it replaces the first "
-                     "lowest-score entry if its own score is strictly higher"),),
+                     f"drop: a token that finds the cache full is not stored; evict: it replaces the entry with the "
+                     f"lowest score key, the lowest slot among equal keys, if its own key is strictly higher (key: "
+                     f"floor(float32(score) * {EVICT_GRID} + 0.5); a NaN score is the lowest and is never replaced)"),),
     bounds=(LENGTH_BOUND,),
     inplace=InPlace("cache_append_", writes=("k_cache", "v_cache", "score_cache", "length"), returns=("overflow",),
                     doc="writes the new entries and the new length into the given caches; returns overflow"),

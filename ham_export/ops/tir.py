@@ -13,8 +13,8 @@ Kernel semantics are those of :mod:`ham_export.ops.reference`:
   s <= t, with one online-softmax pass (running max, running sum, rescaled accumulator); entries past the length
   are never read; a query that sees no key gives 0;
 - cache append: per sequence, the routed tokens in order go to the next free slot; a routed token that finds the
-  cache full counts as overflow and, under ``evict``, replaces the first lowest-score slot if its own score is
-  strictly higher;
+  cache full counts as overflow and, under ``evict``, replaces the first slot of lowest score key (the score rounded
+  to the grid of ``spec.EVICT_GRID``) if its own key is strictly higher;
 - GDN prefill: the gated delta rule token by token. Each column j of the state S [K, V] evolves on its own
   (vhat_j = alpha k^T S[:, j], S[:, j] <- alpha S[:, j] + beta k (v_j - vhat_j), o_j = q^T S[:, j] / sqrt(K)),
   so one thread runs one (b, h, j) over all tokens.
@@ -33,7 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InputError
-from .spec import INVALID_LENGTH, POLICIES
+from .spec import EVICT_GRID, INVALID_LENGTH, POLICIES
 
 THREADS_PER_BLOCK = 64
 NEG_INF = -1.0e30  # finite: exp(NEG_INF - x) is 0 without inf - inf
@@ -142,6 +142,7 @@ def cache_append_kernel(heads: int, capacity: int, dk: int, dv: int, policy: str
     def body(b, evict, store):
         count = T.alloc_buffer((2,), "int64", scope="local")  # [used slots, overflow]
         low = T.alloc_buffer((1,), "int64", scope="local")
+        low_key = T.alloc_buffer((1,), "float32", scope="local")
         count[0] = length[b]
         count[1] = T.int64(0)
         if length[b] >= 0 and length[b] <= C:
@@ -153,11 +154,14 @@ def cache_append_kernel(heads: int, capacity: int, dk: int, dv: int, policy: str
                     else:
                         count[1] = count[1] + T.int64(1)
                         if evict:
+                            # the slot of lowest key (the score rounded to the grid, spec.EVICT_GRID)
                             low[0] = T.int64(0)
+                            low_key[0] = T.floor(sc[b, 0] * T.float32(EVICT_GRID) + T.float32(0.5))
                             for c in T.serial(T.int64(1), T.int64(C)):
-                                if sc[b, c] < sc[b, low[0]]:
+                                if T.floor(sc[b, c] * T.float32(EVICT_GRID) + T.float32(0.5)) < low_key[0]:
                                     low[0] = c
-                            if score[b, t] > sc[b, low[0]]:
+                                    low_key[0] = T.floor(sc[b, c] * T.float32(EVICT_GRID) + T.float32(0.5))
+                            if T.floor(score[b, t] * T.float32(EVICT_GRID) + T.float32(0.5)) > low_key[0]:
                                 store(low[0])
         else:  # refused: a length outside [0, C]; nothing is written
             count[1] = T.int64(INVALID_LENGTH)

@@ -11,6 +11,8 @@
 #include <cstring>
 #include <limits>
 
+#include "ham_op_spec.h"
+
 namespace ham {
 
 // Load and store of one element as float; specialized for each storage type.
@@ -106,9 +108,13 @@ void CacheAttentionHead(const CacheAttentionDims& d, int64_t b, int64_t h, const
 //   k_cache [B,H,C,K]; v_cache [B,H,C,V]; score_cache [B,C]; length [B] in [0, C]; k [B,H,T,K]; v [B,H,T,V];
 //   score [B,T]; routed [B,T]; length_out, overflow [B].
 // The routed tokens land at [length, ...) in order; a routed token that finds the cache full counts in overflow
-// and, under evict, replaces the first lowest-score slot if its score is strictly higher (a NaN score in the cache
-// is the lowest, as torch.argmin has it, and is never replaced since nothing compares greater than NaN).
+// and, under evict, replaces the slot of lowest score key (EvictKey; the lowest slot among equal keys) if its own
+// key is strictly higher (a NaN score in the cache is the lowest, as torch.argmin has it, and is never replaced
+// since nothing compares greater than NaN).
 enum class Policy { kDrop, kEvict };
+
+// The key eviction compares: the score rounded to the grid 1 / spec::kEvictGrid (exact in float; NaN stays NaN).
+inline float EvictKey(float score) { return std::floor(score * spec::kEvictGrid + 0.5f); }
 
 struct CacheAppendDims {
   int64_t B, H, T, C, K, V;
@@ -132,15 +138,15 @@ void CacheAppendRow(const CacheAppendDims& d, Policy policy, int64_t b, const in
       ++over;
       if (policy == Policy::kEvict && d.C > 0) {
         int64_t low = 0;
-        float low_score = Element<T>::Load(sb[0]);
-        for (int64_t c = 0; c < d.C && !std::isnan(low_score); ++c) {
-          const float sc = Element<T>::Load(sb[c]);
-          if (std::isnan(sc) || sc < low_score) {
+        float low_key = EvictKey(Element<T>::Load(sb[0]));
+        for (int64_t c = 0; c < d.C && !std::isnan(low_key); ++c) {
+          const float key = EvictKey(Element<T>::Load(sb[c]));
+          if (std::isnan(key) || key < low_key) {
             low = c;
-            low_score = sc;
+            low_key = key;
           }
         }
-        if (Element<T>::Load(score[b * d.T + t]) > low_score) slot = low;
+        if (EvictKey(Element<T>::Load(score[b * d.T + t])) > low_key) slot = low;
       }
     }
     if (slot < 0) continue;

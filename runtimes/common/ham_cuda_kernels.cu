@@ -137,8 +137,11 @@ __global__ void CacheAttentionKernel(CacheAttentionDims d, const T* q, const T* 
 
 // ---------------------------------------------------------------------------------------------------------------
 // CacheAppend: one block per batch row; tokens in order, every thread follows the same (uniform) decisions.
+// Eviction compares score keys: the score rounded to the grid 1 / spec::kEvictGrid (exact; NaN stays NaN).
+__device__ __forceinline__ float EvictKey(float score) { return floorf(score * spec::kEvictGrid + 0.5f); }
+
 struct Lowest {
-  float score;
+  float score;  // the key
   int64_t slot;
   bool nan;
 };
@@ -177,7 +180,7 @@ __global__ void CacheAppendKernel(CacheAppendDims d, Policy policy, const int64_
       if (policy == Policy::kEvict && d.C > 0) {
         Lowest mine{0.0f, -1, false};
         for (int64_t c = threadIdx.x; c < d.C; c += blockDim.x) {
-          const float sc = Load(sb[c]);
+          const float sc = EvictKey(Load(sb[c]));
           const Lowest here{sc, c, isnan(sc)};
           if (Lower(here, mine)) mine = here;
         }
@@ -191,7 +194,7 @@ __global__ void CacheAppendKernel(CacheAppendDims d, Policy policy, const int64_
         }
         const Lowest low = lowest[0];
         __syncthreads();
-        if (Load(score[b * d.T + t]) > low.score && !low.nan) slot = low.slot;
+        if (EvictKey(Load(score[b * d.T + t])) > low.score && !low.nan) slot = low.slot;
       }
     }
     if (slot < 0) continue;

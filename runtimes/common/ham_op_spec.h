@@ -55,6 +55,7 @@ inline constexpr int kOnnxDomainVersion = 1;
 inline constexpr char kTorchNamespace[] = "ham";
 inline constexpr int64_t kMinSize = 1;
 inline constexpr int64_t kInvalidLength = -1;  // overflow of a row a device kernel refused
+inline constexpr float kEvictGrid = 1024.0f;  // eviction key: floor(float(score) * kEvictGrid + 0.5f)
 
 // CacheAttention (ham::cache_attention, version 1): Query t attends over cache entries [0, length) and the routed new tokens s <= t.
 // On a device: a device kernel that finds length[b] outside [0, C] leaves row b untouched (no read, no write), writes NaN to its attention output and -1 to its overflow.

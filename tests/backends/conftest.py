@@ -19,7 +19,7 @@ from ham_export.check.prompts import default_prompts
 from ham_export.check.thresholds import threshold_in_gap
 from ham_export.core import checkpoint
 
-from ..conftest import make_small_model
+from ..conftest import make_saturated_model, make_small_model
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "examples" / "models" / "tiny-ham.pt"
@@ -38,7 +38,8 @@ VARIANTS: dict[str, list[tuple[str, dict, str | None]]] = {
 
 SMALL_CAPACITY = 12  # the prompt (16 bytes) and the decode steps overflow it: the policies apply
 SMALL_STEPS = 8
-SMALL_SETTINGS = [("cosine", "drop"), ("learned", "evict")]  # both policies, both routers
+SMALL_SETTINGS = [("cosine", "drop"), ("learned", "evict"), ("saturated", "evict")]
+"""Both policies, both routers, and evictions among saturated scores (exact and 1-ulp ties: the eviction grid)."""
 
 
 def variants() -> list[tuple[str, str, dict, str | None]]:
@@ -80,7 +81,8 @@ def small_prompts() -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def small_models():
-    return {router: make_small_model(router) for router in ("cosine", "learned")}
+    return {"cosine": make_small_model("cosine"), "learned": make_small_model("learned"),
+            "saturated": make_saturated_model()}
 
 
 @pytest.fixture(scope="session")

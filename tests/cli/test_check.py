@@ -1,5 +1,5 @@
-"""``ham-export check`` and its comparator: every kind of mismatch is caught, a near-threshold flip is reported
-apart, a check that compared nothing fails, and the CLI's exit codes (artifacts from other weights, bad tolerances)."""
+"""``ham-export check`` and its comparator: every kind of mismatch is caught, a near-threshold flip and an eviction
+decided by a near tie are reported apart, a check that compared nothing fails, and the CLI's exit codes (artifacts from other weights, bad tolerances)."""
 
 from __future__ import annotations
 
@@ -86,6 +86,38 @@ def test_near_threshold_flip_is_reported_apart(model):
     tau = score_of_token_5(model, prompts())
     [result] = compare(eager, AtTau(model, 64, "drop"), prompts(), [tau], 2, 1e-4, 1e-4, 1e-4)
     assert result.passed and result.near_flips == 1 and result.diverged_sequences == 1
+
+
+class SwapsAnEviction(EagerRunner):
+    """Evicts as eager does, except that sequence 0's first eviction of a decode step in layer 0 lands in the
+    other slot of the two lowest: what another backend's rounding could do at a near tie."""
+
+    @torch.no_grad()
+    def _step(self, token, thresholds, state):
+        before = state[0].score_cache.clone()
+        out, state = super()._step(token, thresholds, state)
+        layer = state[0]
+        if int(out.overflow[0, 0]) > 0 and not torch.equal(before[0], layer.score_cache[0]):
+            changed = int((before[0] != layer.score_cache[0]).nonzero()[0])
+            other = int(before[0].argsort()[1]) if changed == int(before[0].argmin()) else int(before[0].argmin())
+            for cache in (layer.k_cache, layer.v_cache):
+                cache[0, :, [changed, other]] = cache[0, :, [other, changed]]
+            layer.score_cache[0, [changed, other]] = layer.score_cache[0, [other, changed]]
+        return out, state
+
+
+def test_an_eviction_near_tie_is_reported_apart(model):
+    """The same swapped eviction fails the check where the decision was clear, and is a near tie (sequence 0
+    only; the others, whose caches agree, are still compared) where every score lies within the margin of a
+    grid line (margin 1: every eviction decision is a near tie)."""
+    eager, swapped = EagerRunner(model, 12, "evict"), SwapsAnEviction(model, 12, "evict")
+    [clear] = compare(eager, swapped, prompts(), [-1.0], 4, 1e-4, 1e-4, 1e-4)
+    assert not clear.passed and clear.near_ties == 0
+    assert any("k_cache" in f or "score_cache" in f for f in clear.failures), clear.failures
+    [near] = compare(eager, swapped, prompts(), [-1.0], 4, 1e-4, 1e-4, 1.0)
+    assert near.passed, near.failures
+    assert near.near_ties == 1 and near.diverged_sequences == 1
+    assert near.compared_sequences == near.sequences - 1
 
 
 def run(*args):

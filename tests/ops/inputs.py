@@ -62,6 +62,28 @@ def append(b: int, h: int, t: int, c: int, k: int = 8, v: int = 6, lengths=None,
     return _cast([k_cache, v_cache, score_cache, length, kn, vn, scores(b, t), routed], dtype)
 
 
+def near_ties() -> list[torch.Tensor]:
+    """Full caches whose scores differ by a few ulps (one key on the eviction grid), and saturated scores.
+
+    Row 0: the cache holds 0.5, 0.2 + 1 ulp, 0.2, 0.2 - 1 ulp; 0.2 + 2 ulps ties the lowest key and stays out, 0.3
+    evicts slot 1 (the first of the tied keys, not the raw minimum at slot 3), 6e-8 stays out. Row 1: 0, 0, 2, 1;
+    2^-24 (a saturated cosine score computed as 1 - (1 - 2^-24)) ties 0 and stays out, 1 - 2^-24 evicts slot 0 and
+    2 evicts slot 1. Expected score caches: :data:`NEAR_TIES_AFTER`."""
+    inputs = append(2, 1, 3, 4, k=2, v=2, lengths=[4, 4], routed_p=1.0, seed=6)
+    point2 = torch.tensor(0.2)
+    up, down = torch.nextafter(point2, torch.tensor(1.0)), torch.nextafter(point2, torch.tensor(0.0))
+    up2 = torch.nextafter(up, torch.tensor(1.0))
+    tiny, almost_one = torch.tensor(2.0 ** -24), torch.tensor(1.0 - 2.0 ** -24)
+    inputs[2] = torch.stack([torch.stack([torch.tensor(0.5), up, point2, down]), torch.tensor([0.0, 0.0, 2.0, 1.0])])
+    inputs[6] = torch.stack([torch.stack([up2, torch.tensor(0.3), tiny]),
+                             torch.stack([tiny, almost_one, torch.tensor(2.0)])])
+    return inputs
+
+
+NEAR_TIES_AFTER = {"evict": [[0.5, 0.3, 0.2, float(torch.nextafter(torch.tensor(0.2), torch.tensor(0.0)))],
+                             [1.0 - 2.0 ** -24, 2.0, 2.0, 1.0]]}
+
+
 def gdn(b: int, t: int, h: int, k: int = 8, v: int = 6, dtype: torch.dtype = torch.float32, seed: int = 0
         ) -> list[torch.Tensor]:
     """GdnPrefill(q, k, v, g, beta, state): unit q and k, decays in (0.5, 1]."""
@@ -133,6 +155,7 @@ def append_cases() -> list[Case]:
         ties[2] = torch.tensor([[0.5, 0.2, 0.2]])
         ties[6] = torch.tensor([[0.2, 0.3]])  # the first ties the lowest (stays out), the second evicts slot 1
         cases.append(Case(CACHE_APPEND, f"{policy}-first-lowest-slot", ties, {"policy": policy}))
+        cases.append(Case(CACHE_APPEND, f"{policy}-near-ties", near_ties(), {"policy": policy}))
         for dtype in (torch.float16, torch.bfloat16):
             cases.append(Case(CACHE_APPEND, f"{policy}-{str(dtype)[6:]}",
                               append(2, 2, 5, 4, lengths=[2, 4], routed_p=0.9, dtype=dtype, seed=5),

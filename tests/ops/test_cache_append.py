@@ -1,5 +1,5 @@
 """CacheAppend: every implementation (functional and in place) equal to the reference bit for bit, on every case of
-``inputs.append_cases``: both policies, overflow, evict ties, float16 and bfloat16.
+``inputs.append_cases``: both policies, overflow, evict ties (exact, and a few ulps apart), float16 and bfloat16.
 
 The op only moves data and counts, so the comparison is exact, NaN included: the entries past the new length come
 back as they came (NaN), whatever the implementation.
@@ -16,7 +16,7 @@ from ham_export.ops import reference as ref
 
 from .conftest import available, takes
 from .implementations import IMPLEMENTATIONS
-from .inputs import append, append_cases
+from .inputs import NEAR_TIES_AFTER, append, append_cases
 
 NAMES = ("k_cache", "v_cache", "score_cache", "length", "overflow")
 CASES = append_cases()
@@ -43,6 +43,8 @@ def test_equals_the_reference(impl, case):
         assert got[3].tolist() == [4, 4] and got[4].tolist() == [5, 6]
         if case.attributes["policy"] == "evict":  # the high scorers got in
             assert bool((got[2][0] == 0.95).any()) and bool((got[2][1] == 3.0).any())
+    if case.name == "evict-near-ties":  # scores a few ulps apart share a key: the lowest slot goes, ties stay out
+        assert torch.equal(got[2], torch.tensor(NEAR_TIES_AFTER["evict"])) and got[4].tolist() == [3, 3]
 
 
 @pytest.mark.parametrize("impl", [i for i in IMPLEMENTATIONS["cache_append"] if i.in_place], ids=str)

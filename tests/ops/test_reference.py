@@ -144,8 +144,13 @@ def test_cache_append_drop_keeps_the_first_that_fit():
     torch.testing.assert_close(k_new[0, :, 1:3], k[0, :, [0, 1]])
 
 
+def grid_key(score: torch.Tensor) -> int:
+    return math.floor(float(score) * 1024 + 0.5)
+
+
 def evict_oracle(k_cache, v_cache, s_cache, length, k, v, score, routed):
-    """Token by token: append while there is room, then replace the first lowest-score entry if beaten."""
+    """Token by token: append while there is room, then replace the first entry of lowest key (the score rounded
+    to 1/1024) if beaten."""
     k_cache, v_cache, s_cache, length = k_cache.clone(), v_cache.clone(), s_cache.clone(), length.clone()
     overflow = torch.zeros_like(length)
     capacity = k_cache.shape[2]
@@ -158,8 +163,8 @@ def evict_oracle(k_cache, v_cache, s_cache, length, k, v, score, routed):
                 length[b] += 1
             else:
                 overflow[b] += 1
-                j = min(range(capacity), key=lambda i, b=b: (float(s_cache[b, i]), i))
-                if not score[b, t] > s_cache[b, j]:
+                j = min(range(capacity), key=lambda i, b=b: (grid_key(s_cache[b, i]), i))
+                if not grid_key(score[b, t]) > grid_key(s_cache[b, j]):
                     continue
             k_cache[b, :, j], v_cache[b, :, j], s_cache[b, j] = k[b, :, t], v[b, :, t], score[b, t]
     return k_cache, v_cache, s_cache, length, overflow
@@ -238,3 +243,25 @@ def test_routed_attention_straight_through_has_hard_value_and_router_gradient():
     torch.testing.assert_close(soft, hard, atol=1e-6, rtol=1e-6)
     soft.sum().backward()
     assert p.grad is not None and bool(p.grad.abs().sum() > 0)
+
+
+def test_eviction_near_ties_are_found():
+    """A decision a change of the scores by the margin (1e-4: 0.1 on the grid of 1/1024) could change is a near
+    tie; a robust one is not. Scores in grid units (n / 1024); key lines lie at n + 0.5."""
+    cases = [  # (cache scores, new score, near tie)
+        ([512, 300, 100], 600, False),  # evicts slot 2, every key far from a line
+        ([512, 300, 100], 50, False),  # stays out
+        ([0, 0, 0], 2.0 ** -14, False),  # saturated (2^-24 as a score): an exact tie, the lowest slot decides
+        ([512, 100.45, 100], 600, True),  # slot 1 (key 100, first of two) may round up: then slot 2 goes
+        ([512, 300, 100.45], 600, False),  # slot 2 may round up, and stays the lowest
+        ([512, 300, 100], 100.55, True),  # the new key (101) may round down to the lowest: evict or not
+        ([512, 204.8, 300], 204.8001, False),  # 0.2 and 0.2 + 1e-7: one key, robustly; stays out
+    ]
+    for scores, new, near in cases:
+        got = ref.evict_near_ties(torch.tensor([scores]) / 1024, torch.tensor([3]), torch.tensor([[new]]) / 1024,
+                                  torch.tensor([[True]]), 1e-4)
+        assert got.tolist() == [near], (scores, new)
+    # Room left: no eviction, no near tie, whatever the scores.
+    got = ref.evict_near_ties(torch.tensor([[100.5, 0.0, 0.0]]) / 1024, torch.tensor([1]),
+                              torch.tensor([[100.5]]) / 1024, torch.tensor([[True]]), 1e-4)
+    assert got.tolist() == [False]
