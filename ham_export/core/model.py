@@ -290,6 +290,14 @@ class HAMLM(nn.Module):
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
             raise InputError(f"token ids must be in [0, {self.cfg.vocab_size})")
 
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding of checked or unchecked tokens: an id outside [0, vocab) embeds as NaN, so that its
+        sequence's logits and state are NaN. The exported programs have no error channel, and a plain ``Gather``
+        would read a negative id from the end of the table (ONNX) or out of bounds (compiled code)."""
+        valid = (tokens >= 0) & (tokens < self.cfg.vocab_size)
+        h = self.embed(tokens.clamp(0, self.cfg.vocab_size - 1))
+        return torch.where(valid[..., None], h, float("nan"))
+
     def forward(self, tokens: torch.Tensor, thresholds=None, chunk_size: int = 64
                 ) -> tuple[torch.Tensor, list[RouteInfo]]:
         """Parallel form: tokens [B, T] -> logits [B, T, vocab], route info per layer."""
@@ -333,7 +341,7 @@ class HAMLM(nn.Module):
         """:meth:`prefill` (``decode=False``) or :meth:`step` without input checks: the traceable core that the
         exported programs call. ``tau`` is the [n_layers] threshold tensor; ``in_place`` writes the new state into
         ``state`` (see :meth:`HAMLayer.prefill`)."""
-        h = self.embed(tokens)
+        h = self._embed(tokens)
         new_state, routes = [], []
         for i, block in enumerate(self.blocks):
             form = block.mixer.step if decode else block.mixer.prefill
@@ -350,7 +358,10 @@ class HAMLM(nn.Module):
 
 def resolve_thresholds(values: float | Sequence[float] | torch.Tensor, n_layers: int) -> torch.Tensor:
     """One threshold for every layer, or one per layer, as a float32 tensor [n_layers]; refused unless finite."""
-    tau = torch.as_tensor(values, dtype=torch.float32).flatten()
+    try:
+        tau = torch.as_tensor(values, dtype=torch.float32).flatten()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"thresholds must be a number or a list of numbers, got {values!r:.80}") from exc
     if tau.numel() == 1:
         tau = tau.expand(n_layers)
     if tau.numel() != n_layers:

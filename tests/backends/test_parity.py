@@ -11,13 +11,19 @@ threshold or far from it, and no eviction may be a near tie: every sequence is c
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ham_export.backends import registry
 from ham_export.backends.eager import EagerRunner, eager_runner_like
 from ham_export.check.compare import DEFAULT_TOLERANCE, compare
 from ham_export.check.prompts import default_prompts
 from ham_export.check.thresholds import threshold_in_gap
+from ham_export.errors import InputError
 
 from .conftest import (
     SMALL_CAPACITY,
@@ -108,3 +114,90 @@ def test_bundled_model_equals_eager(backend, options, file, bundled, bundled_gap
     assert [r.kv_fraction for r in results[1:3]] == [1.0, 0.0]
     assert 0.0 < results[0].kv_fraction < 1.0 and 0.0 < results[3].kv_fraction < 1.0
     assert max(r.max_abs_err for r in results) <= 1e-4
+
+
+def test_token_ids_outside_the_vocabulary_poison_only_their_sequence(small_models, small_artifacts):
+    """Under the runner's checks, straight into the programs: an id outside [0, vocab) gives its sequence NaN
+    logits from that token on (earlier ones too where a prefill mixes the tokens of a chunk), not the embedding of
+    id mod vocab nor an out-of-bounds read; the other sequences are unaffected."""
+    model = small_models["cosine"]
+    tokens = small_prompts()[:3].clone()
+    tokens[0, 5], tokens[2, 0] = -1, model.cfg.vocab_size
+    eager = EagerRunner(model, SMALL_CAPACITY, "drop")
+    want, _ = eager.prefill(small_prompts()[:3], -1.0)
+    for backend, variant, options, file in variants():
+        if registry()[backend].requires() is not None:
+            continue
+        with open_runner(small_artifacts(backend, options, file, "cosine", "drop")) as runner:
+            got, _ = runner._prefill(tokens, runner.check_thresholds(-1.0))  # past the runner's own check
+            logits = got.cpu().logits
+            assert bool(logits[0, 5:].isnan().all()) and bool(logits[2].isnan().all()), variant
+            torch.testing.assert_close(logits[1], want.logits[1], atol=1e-4, rtol=1e-4, msg=variant)
+            with pytest.raises(InputError, match=r"token ids must be in \[0, 256\)"):
+                runner.prefill(tokens, -1.0)
+
+
+def _fuzz_tokens(draw, n_seq: int, dims: int):
+    """Tokens for a prefill (dims 2) or a step (dims 1): valid, or wrong in one way."""
+    kind = draw(st.sampled_from(["valid", "valid", "low", "high", "huge", "int32", "float", "dims", "empty"]))
+    shape = (n_seq, draw(st.integers(1, 6))) if dims == 2 else (n_seq,)
+    tokens = torch.tensor(draw(st.lists(st.integers(0, 255), min_size=math.prod(shape),
+                                        max_size=math.prod(shape)))).reshape(shape)
+    bad = {"low": -draw(st.integers(1, 300)), "high": draw(st.integers(256, 1000)), "huge": 10**12}
+    if kind in bad:
+        tokens.view(-1)[draw(st.integers(0, tokens.numel() - 1))] = bad[kind]
+    return {"int32": tokens.int(), "float": tokens.float(), "dims": tokens.reshape(-1, 1, *shape[1:]),
+            "empty": tokens[..., :0] if dims == 2 else tokens[:0]}.get(kind, tokens), kind in ("valid", "int32")
+
+
+def _fuzz_thresholds(draw, n_layers: int):
+    """Thresholds: valid, or wrong in one way."""
+    value = draw(st.sampled_from([-1.0, 0.3, 3.0, float("nan"), float("inf"), "x"]))
+    kind = draw(st.sampled_from(["scalar", "per-layer", "tensor", "int-tensor", "wrong-count"]))
+    if kind == "scalar" or value == "x":
+        given = value
+    elif kind == "per-layer":
+        given = [value] * n_layers
+    elif kind == "tensor":
+        given = torch.full((n_layers,), value)
+    elif kind == "int-tensor":
+        given = torch.full((n_layers,), int(value) if math.isfinite(value) else 0, dtype=torch.int64)
+    else:
+        given = [value] * (n_layers + 1)
+    valid = value != "x" and math.isfinite(value) and kind != "wrong-count"
+    return given, valid
+
+
+@pytest.mark.parametrize(("backend", "options", "file"), BUNDLED)
+def test_runner_fuzz_gives_a_clean_error_or_the_eager_answer(backend, options, file, small_models,
+                                                            small_artifacts):
+    """Random token tensors and thresholds (valid or wrong: ids outside the vocabulary, dtypes, dims, empty,
+    NaN, inf, counts) into prefill and step: an InputError, or the eager model's answer; never a crash."""
+    requires(backend)
+    model = small_models["learned"]
+    eager = EagerRunner(model, SMALL_CAPACITY, "evict")
+    with open_runner(small_artifacts(backend, options, file, "learned", "evict")) as runner:
+
+        @settings(max_examples=12, deadline=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+        @given(data=st.data())
+        def fuzz(data):
+            tokens, tokens_ok = _fuzz_tokens(data.draw, 2, 2)
+            tau, tau_ok = _fuzz_thresholds(data.draw, model.cfg.n_layers)
+            if not (tokens_ok and tau_ok):
+                with pytest.raises(InputError):
+                    runner.prefill(tokens, tau)
+                return
+            got, state = runner.prefill(tokens, tau)
+            want, eager_state = eager.prefill(tokens, tau)
+            torch.testing.assert_close(got.cpu().logits, want.logits, atol=1e-4, rtol=1e-4)
+            token, token_ok = _fuzz_tokens(data.draw, 2, 1)
+            if not token_ok:
+                with pytest.raises(InputError):
+                    runner.step(token, tau, state)
+                token = want.logits[:, -1].argmax(-1)  # the state is unchanged by a refused step
+            got, _ = runner.step(token, tau, state)
+            want, _ = eager.step(token, tau, eager_state)
+            torch.testing.assert_close(got.cpu().logits, want.logits, atol=1e-4, rtol=1e-4)
+
+        fuzz()

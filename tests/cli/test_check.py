@@ -1,5 +1,6 @@
 """``ham-export check`` and its comparator: every kind of mismatch is caught, a near-threshold flip and an eviction
-decided by a near tie are reported apart, a check that compared nothing fails, and the CLI's exit codes (artifacts from other weights, bad tolerances)."""
+decided by a near tie are reported apart, a check that compared nothing fails, and the CLI's exit codes (artifacts
+from other weights, bad tolerances)."""
 
 from __future__ import annotations
 
