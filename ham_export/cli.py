@@ -371,7 +371,7 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
     from .errors import InputError
     from .memory.report import SWEEP, memory_report, parse_thresholds, plot_report
     from .memory.units import format_size, parse_size
-    from .memory.verify import verify_ort
+    from .memory.verify import TOLERANCE, verify_ort
 
     if sweep and thresholds_text is not None:
         raise InputError("give --thresholds or --sweep, not both")
@@ -462,8 +462,11 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
     for v in report.verification or []:
         out.print(f"ONNX Runtime at tau={v['threshold']:g}: predicted {format_size(v['predicted_bytes'])}, measured "
                   f"{format_size(v['measured_bytes'])} (state {format_size(v['state_bytes'])} + decode peak "
-                  f"{format_size(v['decode_peak_bytes'])}): {100 * v['relative_difference']:+.2f}%, cache lengths "
-                  f"{v['cache_length_per_layer']}")
+                  f"{format_size(v['decode_peak_bytes'])}): {100 * v['relative_difference']:+.2f}%"
+                  + (f" ({format_size(v['unmodelled_bytes'])} of ONNX Runtime's fixed step allocations, not modelled,"
+                     f" within the {format_size(v['runtime_allowance_bytes'])} allowance)"
+                     if v["within_tolerance"] and abs(v["relative_difference"]) > TOLERANCE else "")
+                  + f", cache lengths {v['cache_length_per_layer']}")
     if plot:
         out.print(f"wrote {plot}")
     if failed:
@@ -475,7 +478,7 @@ def _memory_failures(report) -> str:
     """Why ``memory`` exits 1, in one line ("" when it does not): no threshold fits the budget, or the memory an
     artifact held differs from the prediction by more than the tolerance."""
     from .memory.units import format_size
-    from .memory.verify import TOLERANCE
+    from .memory.verify import RUNTIME_ALLOWANCE_BYTES, TOLERANCE
 
     reasons = []
     if report.budget is not None and report.budget.best is None:
@@ -483,7 +486,8 @@ def _memory_failures(report) -> str:
     off = [v for v in report.verification or [] if not v["within_tolerance"]]
     if off:
         reasons.append("the memory the artifact held differs from the prediction by more than "
-                       f"{100 * TOLERANCE:g}% at " + ", ".join(f"tau={v['threshold']:g} "
+                       f"{100 * TOLERANCE:g}% (and by more than ONNX Runtime's fixed step allocations, "
+                       f"{format_size(RUNTIME_ALLOWANCE_BYTES)}) at " + ", ".join(f"tau={v['threshold']:g} "
                                                              f"({100 * v['relative_difference']:+.1f}%)" for v in off))
     return "; ".join(reasons)
 

@@ -8,7 +8,9 @@ program, then runs ``steps`` decode steps. Measured:
 - ``decode_peak_bytes``: the process's peak resident memory during the decode steps after the first (which sets the
   decode session up) over its resident memory just before them (Linux ``VmHWM``, reset through
   ``/proc/self/clear_refs``): the step's transient workspace;
-- ``measured_bytes`` = state + decode peak, compared with the model's state + workspace for the artifact;
+- ``measured_bytes`` = state + decode peak, compared with the model's state + workspace for the artifact: within
+  :data:`TOLERANCE` of it, or above it by at most :data:`RUNTIME_ALLOWANCE_BYTES`, ONNX Runtime's own fixed
+  allocations of a decode step, which the model does not count and the row reports apart (``unmodelled_bytes``);
 - for information: the resident memory added by loading the artifact and the peak of the whole process over its
   baseline after the imports (the prefill's activations, kept by ONNX Runtime's arena, dominate it);
 - the cache lengths reached, compared with the fill the memory report predicts.
@@ -25,10 +27,21 @@ from ..errors import HamError, InputError
 from . import sizes as mem
 
 TOLERANCE = 0.05
+RUNTIME_ALLOWANCE_BYTES = 512 * 1024
+"""ONNX Runtime's fixed allocations of a decode step, which do not grow with the model, its capacity or its batch
+(its allocator's and thread pool's bookkeeping, page granularity): measured at 40-220 KiB on the project's 2-core
+x86_64 machine with onnxruntime 1.32, over small artifacts where they are most of the step's peak. Not modelled;
+a measurement above the prediction by at most this much passes, and the row reports the excess apart."""
 
 
 class MeasurementError(HamError):
     """The measurement could not run (not Linux, the op library missing, the artifact broken)."""
+
+
+def agrees(predicted: int, measured: int) -> bool:
+    """The prediction holds: within :data:`TOLERANCE` of the measurement, or below it by at most
+    :data:`RUNTIME_ALLOWANCE_BYTES` (the runtime's unmodelled fixed allocations)."""
+    return abs(predicted - measured) <= TOLERANCE * measured or 0 <= measured - predicted <= RUNTIME_ALLOWANCE_BYTES
 
 
 def _status() -> dict[str, int]:
@@ -120,8 +133,9 @@ def verify_ort(artifact: str | Path, data: bytes, context: int, thresholds: list
         row = {**measured, "capacity": capacity, "dtype": dtype,
                "predicted_state_bytes": state.state_bytes + state.kv_bytes, "predicted_workspace_bytes": workspace,
                "predicted_bytes": predicted, "measured_bytes": total,
-               "relative_difference": (predicted - total) / total}
-        row["within_tolerance"] = abs(row["relative_difference"]) <= TOLERANCE
+               "relative_difference": (predicted - total) / total,
+               "unmodelled_bytes": max(0, total - predicted), "runtime_allowance_bytes": RUNTIME_ALLOWANCE_BYTES}
+        row["within_tolerance"] = agrees(predicted, total)
         if expected_fill and threshold in expected_fill:
             row["predicted_cache_length_per_layer"] = [min(capacity, e) for e in expected_fill[threshold]]
         results.append(row)
