@@ -11,6 +11,7 @@ the runner makes every input contiguous; inputs go to the package's device, and 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ..ops.spec import TORCH_NAMESPACE
 from . import artifact, register
 from .base import Backend, Option, Runner, split_outputs
 from .manifest import ArtifactError, Manifest
-from .programs import export_programs, program_table
+from .programs import describe, export_programs, program_table
 
 log = logging.getLogger(__name__)
 NAME = "aotinductor"
@@ -54,8 +55,9 @@ def build(model: HAMLM, out: str | Path, capacity: int, policy: str = "drop", so
         for name, program in export_programs(target, capacity, policy).items():
             example_args, example_kwargs = program.example_inputs
             log.info("AOTInductor: compiling %s for %s", name, device)
+            metadata = {SIGNATURE_KEY: signature(model.cfg, capacity, "fp32", name)}
             compiled[name] = aot_compile(program.module(), example_args, example_kwargs,
-                                         options={"aot_inductor.package": True})
+                                         options={"aot_inductor.package": True, "aot_inductor.metadata": metadata})
     package_aoti(str(out), compiled)
     programs = program_table(model, capacity, "fp32", {name: out.name for name in compiled},
                              {name: name for name in compiled})
@@ -65,6 +67,17 @@ def build(model: HAMLM, out: str | Path, capacity: int, policy: str = "drop", so
                       op_library=op_library).write(out.parent)
     log.info("wrote AOTInductor package %s", out)
     return out
+
+
+SIGNATURE_KEY = "ham.signature"
+"""The package metadata key of each model's signature (:func:`signature`), checked against the manifest on load."""
+
+
+def signature(cfg, capacity: int, dtype: str, program: str) -> str:
+    """A program's inputs and outputs as the manifest's fields make them (names, dtypes, shapes), as one string."""
+    io = describe(cfg, capacity, dtype)[program]
+    return json.dumps({kind: [[t.name, t.dtype, list(t.shape)] for t in io[kind]] for kind in ("inputs", "outputs")},
+                      separators=(",", ":"))
 
 
 class AotiRunner(Runner):
@@ -92,6 +105,27 @@ class AotiRunner(Runner):
                 first = str(exc).splitlines()[0] if str(exc) else ""
                 raise ArtifactError(f"cannot load {name} from {path}: truncated or not an AOTInductor package "
                                     f"({type(exc).__name__}: {first})") from None
+            self._check_signature(name, path)
+
+    def _check_signature(self, name: str, path: Path) -> None:
+        """The signature compiled into the package equals the one the manifest's fields give (capacity, dtype,
+        layers, names and shapes); a package compiled before signatures were recorded is refused."""
+        recorded = self.fns[name].get_metadata().get(SIGNATURE_KEY)
+        if recorded is None:
+            raise ArtifactError(f"{path}: the {name} model records no signature ({SIGNATURE_KEY}); it was compiled "
+                                f"by an older ham-export: build it again")
+        m = self.manifest
+        want = json.loads(signature(m.model, m.capacity, m.dtype, name))
+        got = json.loads(recorded)
+        for kind in ("inputs", "outputs"):
+            if got[kind] != want[kind]:
+                bad = next((i for i, (a, b) in enumerate(zip(got[kind], want[kind], strict=False)) if a != b),
+                           min(len(got[kind]), len(want[kind])))
+                have = got[kind][bad] if bad < len(got[kind]) else None
+                expect = want[kind][bad] if bad < len(want[kind]) else None
+                raise ArtifactError(f"{path}: the {name} model is not the one its manifest describes (capacity "
+                                    f"{m.capacity}, dtype {m.dtype}, {m.model.n_layers} layers): {kind} #{bad} is "
+                                    f"{have}, the manifest says {expect}")
 
     def _release(self) -> None:
         self.fns = {}

@@ -156,6 +156,32 @@ class Runner(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def probe_signature(self) -> None:
+        """Refuse compiled programs that are not the ones the manifest's fields describe, where the programs carry no
+        signature to read: run a one-token prefill and a decode step from its state, and compare what comes out
+        (dtypes, and the shapes the capacity, the layer count and the vocabulary fix) with the manifest."""
+        from .programs import STATE_FIELDS, check_graph
+
+        n = self.n_layers
+        names = [f"present.{i}.{f}" for i in range(n) for f in STATE_FIELDS]
+        state = None
+        for program in ("prefill", "decode"):
+            try:
+                if program == "prefill":
+                    out, state = self._prefill(torch.zeros(1, 1, dtype=torch.int64), self.check_thresholds(3.0))
+                else:
+                    out, state = self._step(torch.zeros(1, dtype=torch.int64), self.check_thresholds(3.0), state)
+                head = out.cpu()
+                tensors = [head.logits, head.scores, head.routed, head.overflow, *self.state_tensors(state)]
+            except Exception as exc:  # a program of other shapes fails in whatever way its runtime fails
+                raise ArtifactError(f"{self.manifest.path(program)}: the {program} program does not run as its "
+                                    f"manifest describes it ({type(exc).__name__}: "
+                                    f"{str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ''})"
+                                    ) from None
+            rows = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+                    for name, t in zip(["logits", "scores", "routed", "overflow", *names], tensors, strict=False)]
+            check_graph(self.manifest, program, [], rows, outputs_only=True)
+
     def _load(self) -> None:  # noqa: B027  (a runner with nothing to load keeps this)
         """Load the backend's sessions or programs (called once by :meth:`open`)."""
 

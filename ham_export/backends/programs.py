@@ -150,15 +150,18 @@ def program_table(model: HAMLM, capacity: int, dtype: str, files: dict[str, str]
             for name, io in described.items()}
 
 
-def check_graph(manifest, program: str, inputs: list[tuple], outputs: list[tuple]) -> None:
+def check_graph(manifest, program: str, inputs: list[tuple], outputs: list[tuple], outputs_only: bool = False
+                ) -> None:
     """Refuse a program whose graph is not the one the manifest's fields describe (a capacity, a dtype or a layer
     count that lies, a decode file that is the prefill's): ``inputs`` and ``outputs`` are ``(name, dtype name,
-    shape)`` as the runtime reports them, each dim a number or a symbol (or None)."""
+    shape)`` as the runtime reports them, each dim a number or a symbol (or None); ``outputs_only``: what a run
+    gave, the inputs unknown."""
     from .manifest import ArtifactError
 
     expected = describe(manifest.model, manifest.capacity, manifest.dtype)[program]
     path = manifest.path(program)
-    for kind, got, want in (("inputs", inputs, expected["inputs"]), ("outputs", outputs, expected["outputs"])):
+    kinds = [("inputs", inputs, expected["inputs"])] if not outputs_only else []
+    for kind, got, want in (*kinds, ("outputs", outputs, expected["outputs"])):
         names, wanted = [g[0] for g in got], [w.name for w in want]
         if names != wanted:
             first = next((i for i, (a, b) in enumerate(zip(names, wanted, strict=False)) if a != b),
@@ -174,3 +177,27 @@ def check_graph(manifest, program: str, inputs: list[tuple], outputs: list[tuple
                                                     for g, w in zip(shape, info.shape, strict=False)):
                 raise ArtifactError(f"{path}: {name} has shape {list(shape)} in the graph; the manifest (capacity "
                                     f"{manifest.capacity}) says {list(info.shape)}")
+
+
+def check_exported_program(manifest, program: str, exported) -> None:
+    """:func:`check_graph` for a ``torch.export.ExportedProgram``: its user inputs and outputs, by position (their
+    names are torch's), with the dtypes and shapes its graph records (a symbolic dim as None)."""
+
+    def info(values, expected) -> list[tuple]:
+        rows = []
+        for i, value in enumerate(values):
+            val = getattr(value, "meta", {}).get("val")
+            name = expected[i].name if i < len(expected) else f"#{i}"
+            if not isinstance(val, torch.Tensor):
+                rows.append((name, type(val).__name__, ()))
+                continue
+            rows.append((name, str(val.dtype).removeprefix("torch."),
+                         tuple(d if isinstance(d, int) else None for d in val.shape)))
+        return rows
+
+    expected = describe(manifest.model, manifest.capacity, manifest.dtype)[program]
+    nodes = {node.name: node for node in exported.graph.nodes}
+    inputs = [nodes[name] for name in exported.graph_signature.user_inputs]
+    output = next(node for node in exported.graph.nodes if node.op == "output")
+    outputs = list(output.args[0])[:len(exported.graph_signature.user_outputs)]
+    check_graph(manifest, program, info(inputs, expected["inputs"]), info(outputs, expected["outputs"]))

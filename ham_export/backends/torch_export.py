@@ -12,7 +12,7 @@ from ..core.model import HAMLM
 from . import artifact, register
 from .base import Backend, Runner, split_outputs
 from .manifest import ArtifactError, Manifest
-from .programs import export_programs, program_table
+from .programs import check_exported_program, export_programs, program_table
 
 log = logging.getLogger(__name__)
 NAME = "torch.export"
@@ -53,12 +53,14 @@ class ExportedProgramRunner(Runner):
             level = torch_log.level
             torch_log.setLevel(logging.CRITICAL)
             try:
-                self.fns[name] = torch.export.load(path).module()
+                exported = torch.export.load(path)
             except Exception as exc:  # a damaged archive surfaces as whatever its parser hit
                 raise ArtifactError(f"cannot load {path}: truncated or not a torch.export program "
                                     f"({type(exc).__name__}: {exc})") from None
             finally:
                 torch_log.setLevel(level)
+            check_exported_program(self.manifest, name, exported)
+            self.fns[name] = exported.module()
 
     def _release(self) -> None:
         self.fns = {}

@@ -99,6 +99,9 @@ class TritonRunner(Runner):
             if not weights.is_file():
                 raise ArtifactError(f"the weights of the Triton artifact are missing: {weights}")
             model = checkpoint.load(self.manifest.directory).model
+            if model.cfg != self.manifest.model:
+                raise ArtifactError(f"{weights}: the weights' config is not the one the manifest describes "
+                                    f"({_config_difference(model.cfg, self.manifest.model)})")
         weight = model.embed.weight
         if weight.device != self.device:
             model = artifact.cast_copy(model, weight.dtype).to(self.device)
@@ -148,3 +151,14 @@ BACKEND = register(Backend(
     memory="Triton (eager PyTorch on a GPU): not modelled; caches and GDN state are updated in place, so a step "
            "holds the state plus its activations",
 ))
+
+
+def _config_difference(have, want) -> str:
+    """The first field where two model configs differ, as ``name: have, the manifest says want``."""
+    import dataclasses
+
+    for f in dataclasses.fields(have):
+        a, b = getattr(have, f.name), getattr(want, f.name)
+        if a != b:
+            return f"{f.name}: {a!r}, the manifest says {b!r}"
+    return "equal"

@@ -252,6 +252,7 @@ class TvmRunner(Runner):
             except Exception as exc:  # the loader raises TVM's own error classes for a bad or foreign library
                 raise ArtifactError(f"TVM cannot load {path}: {str(exc).strip().splitlines()[-1][:300]}") from None
             self.machines[name] = relax.VirtualMachine(library, self.device)["main"]
+        self.probe_signature()  # the compiled libraries carry no signature to read
         log.info("tvm runner: target %s", self.manifest.options.get("target"))
 
     def _release(self) -> None:

@@ -11,14 +11,17 @@ threshold or far from it, and no eviction may be a near tie: every sequence is c
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ham_export.backends import registry
+from ham_export.backends import MANIFEST, ArtifactError, registry
 from ham_export.backends.eager import EagerRunner, eager_runner_like
 from ham_export.check.compare import DEFAULT_TOLERANCE, compare
 from ham_export.check.prompts import default_prompts
@@ -201,3 +204,27 @@ def test_runner_fuzz_gives_a_clean_error_or_the_eager_answer(backend, options, f
             torch.testing.assert_close(got.cpu().logits, want.logits, atol=1e-4, rtol=1e-4)
 
         fuzz()
+
+
+def _lying_copy(artifact: Path, file: str | None, folder: Path, edit) -> Path:
+    """A copy of an artifact whose manifest ``edit(data)`` changed."""
+    shutil.copytree(artifact.parent if file else artifact, folder)
+    data = json.loads((folder / MANIFEST).read_text())
+    edit(data)
+    (folder / MANIFEST).write_text(json.dumps(data))
+    return folder / file if file else folder
+
+
+def test_a_manifest_that_lies_about_its_programs_is_refused(small_artifacts, tmp_path):
+    """Every backend compares the manifest's fields with what its programs are (the graph's signature, the
+    signature compiled into the package, a probe run, or the weights' config) when it opens an artifact."""
+    for backend, variant, options, file in variants():
+        if registry()[backend].requires() is not None:
+            continue
+        artifact = small_artifacts(backend, options, file, "cosine", "drop")
+        if backend == "triton":  # the capacity is the runner's to allocate: the lie is about the model
+            lie, phrase = (lambda d: d["model"].update(mlp_hidden=65)), "mlp_hidden: 64, the manifest says 65"
+        else:
+            lie, phrase = (lambda d: d.update(capacity=2 * SMALL_CAPACITY)), f"capacity {2 * SMALL_CAPACITY}"
+        with pytest.raises(ArtifactError, match=phrase):
+            open_runner(_lying_copy(artifact, file, tmp_path / variant, lie))

@@ -37,27 +37,28 @@ def world(tmp_path_factory):
         "other": checkpoint.save_pt(other, root / "other.pt"),
         "artifact": registry()["onnxruntime"].build(model, root / "artifact", capacity=CAPACITY, policy="drop",
                                                     ops="standard"),
+        "exported": registry()["torch.export"].build(model, root / "exported", capacity=CAPACITY, policy="drop"),
         "root": root,
     }
     return paths
 
 
-def tampered(world, name: str, edit) -> Path:
-    """A copy of the artifact whose manifest ``edit(data)`` changed (in place)."""
+def tampered(world, name: str, edit, source: str = "artifact") -> Path:
+    """A copy of the artifact (or of ``world[source]``) whose manifest ``edit(data)`` changed (in place)."""
     folder = world["root"] / f"tampered-{name}"
     if not folder.exists():
-        shutil.copytree(world["artifact"], folder)
+        shutil.copytree(world[source], folder)
         data = json.loads((folder / MANIFEST).read_text())
         edit(data)
         (folder / MANIFEST).write_text(json.dumps(data))
     return folder
 
 
-def swapped(world) -> Path:
-    folder = world["root"] / "swapped"
+def swapped(world, source: str = "artifact", suffix: str = ".onnx") -> Path:
+    folder = world["root"] / f"swapped-{source}"
     if not folder.exists():
-        shutil.copytree(world["artifact"], folder)
-        shutil.copy(folder / "prefill.onnx", folder / "decode.onnx")
+        shutil.copytree(world[source], folder)
+        shutil.copy(folder / f"prefill{suffix}", folder / f"decode{suffix}")
     return folder
 
 
@@ -128,6 +129,12 @@ CASES = [
     ("manifest-unknown-field", lambda w: ["check", w["model"], tampered(w, "unk", with_field("colour", "red"))], 2,
      "colour"),
     ("decode-is-prefill", lambda w: ["check", w["model"], swapped(w)], 2, "decode.onnx"),
+    ("exported-decode-is-prefill", lambda w: ["check", w["model"], swapped(w, "exported", ".pt2")], 2,
+     "decode.pt2"),
+    ("exported-capacity-lie", lambda w: ["check", w["model"], tampered(w, "te-cap", with_field("capacity", 32),
+                                                                        "exported")], 2, "capacity 32"),
+    ("exported-dtype-lie", lambda w: ["check", w["model"], tampered(w, "te-dt", with_field("dtype", "fp16"),
+                                                                       "exported")], 2, "dtype fp16"),
     ("memory-artifact-other-weights", lambda w: ["memory", w["other"], "--artifact", w["artifact"],
                                                  "--thresholds", "0.5"], 2, "other weights"),
     ("memory-plot-missing-folder", lambda w: ["memory", w["model"], "--context", "64", "--thresholds", "0.5",
