@@ -7,8 +7,9 @@
 // dlopen'ed first: LIB, or the one next to this executable. Then the package's "prefill" and "decode" models are
 // loaded with torch::inductor::AOTIModelPackageLoader, the UTF-8 bytes of PROMPT are prefilled as one sequence, and
 // the most likely token is picked STEPS times (the first from the prefill's last position, each later one from a
-// decode step); the STEPS token ids are printed on one line. The thresholds are read from the manifest's
-// "thresholds" array. CPU packages only.
+// decode step); the STEPS token ids are printed on one line. The manifest is read with nlohmann/json and checked
+// (types, one finite threshold per layer, shapes that agree with the capacity), and each model's signature compiled
+// into the package must equal the inputs and outputs the manifest lists for it. CPU packages only.
 //
 // Exit codes: 0 ok, 2 bad arguments, manifest or op library, 1 a libtorch error.
 
@@ -62,32 +63,41 @@ std::string ExecutableDir() {
   return Parent(std::string(buffer.data(), static_cast<size_t>(n)));
 }
 
-// The value of the first "key": "value" string in the manifest, or "" when there is none (no JSON library).
-std::string ManifestString(const std::string& text, const std::string& key) {
-  size_t at = text.find("\"" + key + "\"");
-  if (at == std::string::npos) return "";
-  size_t colon = text.find(':', at);
-  size_t open = colon == std::string::npos ? colon : text.find_first_not_of(" \t\r\n", colon + 1);
-  if (open == std::string::npos || text[open] != '"') return "";
-  size_t close = text.find('"', open + 1);
-  return close == std::string::npos ? "" : text.substr(open + 1, close - open - 1);
-}
-
-// Checks that the manifest describes a CPU AOTInductor package and returns its thresholds.
-std::vector<float> ReadManifest(const std::string& manifest_path) {
+// Checks that the manifest describes a CPU AOTInductor package; returns it, checked (greedy::ReadManifest).
+greedy::Manifest ReadManifest(const std::string& manifest_path) {
   if (!IsFile(manifest_path)) {
     throw UsageError("no manifest at " + manifest_path + " (ham_export.json belongs beside the package)");
   }
-  std::string text = greedy::ReadFile(manifest_path);
-  std::string backend = ManifestString(text, "backend");
-  if (backend != "aotinductor") {
-    throw UsageError(manifest_path + " describes a '" + backend + "' artifact, not an AOTInductor package");
-  }
-  std::string device = ManifestString(text, "device");
+  greedy::Manifest m = greedy::ReadManifest(manifest_path, "aotinductor");
+  std::string device = m.String("device");
   if (!device.empty() && device != "cpu") {
     throw UsageError(manifest_path + ": the package was compiled for '" + device + "'; this program runs CPU ones");
   }
-  return greedy::ManifestThresholds(manifest_path, text);
+  return m;
+}
+
+// The signature compiled into a model of the package (metadata "ham.signature", written by ham-export native) equals
+// the inputs and outputs the manifest lists for it, as ham_export.backends.aotinductor checks on load.
+void CheckSignature(const greedy::Manifest& m, torch::inductor::AOTIModelPackageLoader& loader,
+                    const std::string& program) {
+  auto metadata = loader.get_metadata();
+  auto it = metadata.find("ham.signature");
+  if (it == metadata.end()) {
+    throw UsageError("the " + program + " model records no signature (ham.signature); build the package again");
+  }
+  nlohmann::json recorded = nlohmann::json::parse(it->second, nullptr, /*allow_exceptions=*/false);
+  nlohmann::json listed = nlohmann::json::object();
+  for (const char* kind : {"inputs", "outputs"}) {
+    nlohmann::json rows = nlohmann::json::array();
+    for (const auto& t : m.data["programs"][program][kind])
+      rows.push_back({t.value("name", ""), t.value("dtype", ""), t.value("shape", nlohmann::json())});
+    listed[kind] = rows;
+  }
+  if (recorded != listed) {
+    throw UsageError("the " + program + " model of the package is not the one " + m.path + " describes (capacity " +
+                     std::to_string(m.capacity) + ", dtype " + m.dtype + ", " + std::to_string(m.n_layers) +
+                     " layers)");
+  }
 }
 
 // dlopens the op library and checks that it registered the ham ops with the dispatcher.
@@ -139,11 +149,15 @@ int Run(int argc, char** argv) {
   if (IsDir(package)) package += "/model.pt2";
   if (!IsFile(package)) throw UsageError("no package at " + package);
 
-  std::vector<float> thresholds = ReadManifest(Parent(package) + "/ham_export.json");
+  greedy::Manifest manifest = ReadManifest(Parent(package) + "/ham_export.json");
+  greedy::CheckPromptVocabulary(manifest, request.prompt);
+  const std::vector<float>& thresholds = manifest.thresholds;
   LoadOpLibrary(ops);
   c10::InferenceMode inference;
   torch::inductor::AOTIModelPackageLoader prefill(package, "prefill");
   torch::inductor::AOTIModelPackageLoader decode(package, "decode");
+  CheckSignature(manifest, prefill, "prefill");
+  CheckSignature(manifest, decode, "decode");
 
   std::vector<int64_t> ids = greedy::ByteTokens(request.prompt);
   at::Tensor tokens = HostTensor({1, static_cast<int64_t>(ids.size())}, at::kLong, ids.data());

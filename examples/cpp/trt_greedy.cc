@@ -98,13 +98,11 @@ float HalfToFloat(uint16_t h) {
   return sign ? -value : value;
 }
 
-// The manifest's "plugins" value ("qdp" or "cpp"), by a small hand parse (no JSON library).
-std::string ManifestPlugins(const std::string& path, const std::string& text) {
-  size_t key = text.find("\"plugins\"");
-  if (key == std::string::npos) throw UsageError(path + " has no \"plugins\": is it a TensorRT artifact?");
-  size_t open = text.find('"', text.find(':', key) + 1);
-  size_t close = text.find('"', open + 1);
-  return text.substr(open + 1, close - open - 1);
+// The manifest's "plugins" value ("qdp" or "cpp").
+std::string ManifestPlugins(const greedy::Manifest& m) {
+  std::string plugins = m.String("plugins");
+  if (plugins != "qdp" && plugins != "cpp") throw UsageError(m.path + ": \"plugins\" must be qdp or cpp");
+  return plugins;
 }
 
 // One engine and its execution context.
@@ -207,14 +205,14 @@ int RunMain(int argc, char** argv) {
   if (argc - first != 3) throw UsageError("usage: trt_greedy [--plugins LIB] DIR PROMPT STEPS");
   const std::string dir = argv[first];
   const greedy::Request request = greedy::ParseRequest(argv[first + 1], argv[first + 2]);
-  const std::string manifest_path = dir + "/ham_export.json";
-  const std::string manifest = greedy::ReadFile(manifest_path);
-  std::vector<float> thresholds = greedy::ManifestThresholds(manifest_path, manifest);
+  const greedy::Manifest manifest = greedy::ReadManifest(dir + "/ham_export.json", "tensorrt");
+  greedy::CheckPromptVocabulary(manifest, request.prompt);
+  std::vector<float> thresholds = manifest.thresholds;
 
   Logger logger;
   std::unique_ptr<nvinfer1::IRuntime> runtime(nvinfer1::createInferRuntime(logger));
   if (!runtime) throw std::runtime_error("cannot create the TensorRT runtime");
-  if (ManifestPlugins(manifest_path, manifest) == "cpp") {
+  if (ManifestPlugins(manifest) == "cpp") {
     if (library.empty()) library = "libham_trt_plugins.so";
     if (runtime->getPluginRegistry().loadLibrary(library.c_str()) == nullptr) {
       throw UsageError("cannot load the plugin library " + library + " (pass --plugins LIB)");

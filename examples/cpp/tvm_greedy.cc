@@ -85,13 +85,33 @@ int64_t LastArgMax(const ffi::Tensor& logits) {
   return greedy::ArgMax(data + (rows - 1) * vocab, vocab);
 }
 
+// What a program returned is what the manifest describes (the libraries carry no signature to read, so their
+// outputs are checked, as ham_export's TVM runner probes them): logits, scores, routed, overflow, then 6 state tensors
+// a layer whose caches hold the manifest's capacity.
+void CheckOutputs(const greedy::Manifest& m, const ffi::Array<ffi::Any>& outputs, const char* program) {
+  constexpr int64_t kHead = 4, kFields = 6;
+  if (static_cast<int64_t>(outputs.size()) != kHead + kFields * m.n_layers) {
+    throw UsageError(std::string(program) + ".so returned " + std::to_string(outputs.size()) + " outputs; " + m.path +
+                     " describes " + std::to_string(kHead + kFields * m.n_layers));
+  }
+  for (int64_t layer = 0; layer < m.n_layers; ++layer) {
+    const ffi::Tensor k_cache = outputs[kHead + kFields * layer + 2].cast<ffi::Tensor>();
+    const DLTensor* t = k_cache.GetDLTensorPtr();
+    if (t->ndim != 4 || t->shape[2] != m.capacity) {
+      throw UsageError(std::string(program) + ".so holds caches of another capacity than " + m.path + "'s " +
+                       std::to_string(m.capacity));
+    }
+  }
+}
+
 int Run(int argc, char** argv) {
   if (argc != 4) throw UsageError("usage: tvm_greedy DIR PROMPT STEPS");
   std::string dir = argv[1];
   greedy::Request request = greedy::ParseRequest(argv[2], argv[3]);
 
-  std::string manifest = dir + "/ham_export.json";
-  std::vector<float> thresholds = greedy::ManifestThresholds(manifest, greedy::ReadFile(manifest));
+  const greedy::Manifest manifest = greedy::ReadManifest(dir + "/ham_export.json", "tvm");
+  greedy::CheckPromptVocabulary(manifest, request.prompt);
+  const std::vector<float>& thresholds = manifest.thresholds;
   Program prefill_program = Load(dir + "/prefill.so");
   Program decode_program = Load(dir + "/decode.so");
   const ffi::Function& prefill = prefill_program.main;
@@ -104,7 +124,7 @@ int Run(int argc, char** argv) {
   // Outputs: logits, scores, routed, overflow, then the state (6 tensors a layer) that decode takes back.
   constexpr size_t kHead = 4;
   auto outputs = prefill(tokens, thr).cast<ffi::Array<ffi::Any>>();
-  if (outputs.size() <= kHead) throw std::runtime_error("prefill returned too few outputs");
+  CheckOutputs(manifest, outputs, "prefill");
 
   greedy::PrintTokens(greedy::Pick(request.steps, LastArgMax(outputs[0].cast<ffi::Tensor>()), [&](int64_t token) {
     // decode(token, thresholds, *state): the caches of the state are updated in place and returned again.
@@ -116,6 +136,7 @@ int Run(int argc, char** argv) {
     ffi::Any result;
     decode.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
     outputs = result.cast<ffi::Array<ffi::Any>>();
+    CheckOutputs(manifest, outputs, "decode");
     return LastArgMax(outputs[0].cast<ffi::Tensor>());
   }));
   return 0;

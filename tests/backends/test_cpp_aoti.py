@@ -63,8 +63,9 @@ def test_cpp_bad_arguments(program, package, tmp_path):
 
 @pytest.mark.parametrize(("thresholds", "needle"), [
     ([0.5], "holds 1 values; the model has"),
-    (["NaN", 0.5, 0.5, 0.5], "bad threshold"),
-    ("0.5", "is not an array"),
+    (["x", 0.5, 0.5, 0.5], "bad threshold"),
+    (["NaN", 0.5, 0.5, 0.5], "is not JSON"),
+    ("0.5", "must be an array"),
 ])
 def test_cpp_bad_manifest_thresholds(program, package, tmp_path, thresholds, needle):
     """The compiled programs read one threshold per layer: a manifest with fewer, non-finite ones or no array is
@@ -81,6 +82,45 @@ def test_cpp_bad_manifest_thresholds(program, package, tmp_path, thresholds, nee
     lone.mkdir()
     shutil.copy(package, lone / "model.pt2")  # no manifest beside it
     assert_usage_error(run(program, lone / "model.pt2", "hi", 3), "ham_export.json")
+
+
+def _resize(data, key: str, value: int) -> None:
+    """Make the manifest's listed programs agree with a changed capacity or vocabulary (a consistent lie)."""
+    for program in data["programs"].values():
+        for t in program["outputs"] + program["inputs"]:
+            if key == "capacity" and t["name"].endswith(("k_cache", "v_cache")):
+                t["shape"][2] = value
+            if key == "capacity" and t["name"].endswith("score_cache"):
+                t["shape"][1] = value
+            if key == "vocab_size" and t["name"] == "logits":
+                t["shape"][-1] = value
+
+
+MANIFEST_LIES = [
+    ("capacity-lie", lambda d: d.update(capacity=2 * d["capacity"]), "does not agree with capacity"),
+    ("capacity-string", lambda d: d.update(capacity=str(d["capacity"])), "\"capacity\" must be a whole number"),
+    ("format-version-true", lambda d: d.update(format_version=True), "\"format_version\" must be a whole number"),
+    ("layers-lie", lambda d: d["model"].update(n_layers=3), "holds 4 values; the model has 3 layers"),
+    ("consistent-capacity-lie", lambda d: (d.update(capacity=2 * d["capacity"]), _resize(d, "capacity",
+                                                                                      d["capacity"])),
+     "is not the one"),
+    ("vocabulary", lambda d: (d["model"].update(vocab_size=100), _resize(d, "vocab_size", 100)),
+     "PROMPT byte 104 is outside the model's vocabulary of 100"),
+    ("another-backend", lambda d: d.update(backend="tvm"), "describes a 'tvm' artifact"),
+]
+
+
+@pytest.mark.parametrize(("edit", "needle"), [pytest.param(*c[1:], id=c[0]) for c in MANIFEST_LIES])
+def test_cpp_manifest_is_checked_against_the_package(program, package, tmp_path, edit, needle):
+    """The manifest is read with a JSON library and checked (types, counts, shapes that agree with the capacity and
+    the vocabulary), and the signature compiled into the package must be the one it lists: else exit 2."""
+    import json
+
+    data = json.loads((package.parent / "ham_export.json").read_text())
+    edit(data)
+    shutil.copy(package, tmp_path / "model.pt2")
+    (tmp_path / "ham_export.json").write_text(json.dumps(data))
+    assert_usage_error(run(program, tmp_path / "model.pt2", "hi", 3), needle)
 
 
 def test_cpp_missing_or_wrong_op_library(program, package, tmp_path):

@@ -47,3 +47,25 @@ def test_cpp_zero_steps_and_bad_arguments(program, artifact, tmp_path):
         result = run(program, *args)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert result.stderr.startswith("tvm_greedy: ")
+
+
+@pytest.mark.parametrize("lie", ["capacity", "consistent-capacity"])
+def test_cpp_manifest_is_checked_against_the_libraries(program, artifact, tmp_path, lie):
+    """A manifest whose capacity disagrees with its own program listing, or with the compiled libraries' outputs,
+    is refused with exit 2."""
+    import json
+    import shutil
+
+    from .test_cpp_aoti import _resize
+
+    folder = tmp_path / "lie"
+    shutil.copytree(artifact, folder)
+    data = json.loads((folder / "ham_export.json").read_text())
+    data["capacity"] *= 2
+    if lie == "consistent-capacity":
+        _resize(data, "capacity", data["capacity"])
+    (folder / "ham_export.json").write_text(json.dumps(data))
+    result = run(program, folder, "hi", 3)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    needle = "does not agree with capacity" if lie == "capacity" else "caches of another capacity"
+    assert result.stderr.startswith("tvm_greedy: ") and needle in result.stderr, result.stderr
