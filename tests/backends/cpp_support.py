@@ -1,5 +1,6 @@
-"""What the tests of the C++ greedy decoders (examples/cpp: tvm_greedy, aoti_greedy) share: the bundled model and
-the prompts, building a CMake project, running a program, and checking its tokens against eager PyTorch."""
+"""What the tests of the C++ greedy decoders (examples/cpp: tvm_greedy, aoti_greedy, ort_greedy) share: the
+bundled model and the prompts, building a CMake project, running a program, and checking its tokens against eager
+PyTorch."""
 
 from __future__ import annotations
 
@@ -39,12 +40,13 @@ def run(program: Path, *args) -> subprocess.CompletedProcess:
     return subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
 
 
-def assert_tokens_match_eager(program: Path, artifact: Path, bundled, prompt: str, overflows: bool) -> None:
-    """program, run on the artifact of the bundled model, prints the STEPS tokens of greedy decoding with eager
-    PyTorch; the cache overflows while decoding iff overflows."""
-    result = run(program, artifact, prompt, STEPS)
+def assert_tokens_match_eager(program: Path, artifact: Path, bundled, prompt: str, overflows: bool, extra=()
+                              ) -> subprocess.CompletedProcess:
+    """program (given ``extra`` arguments first), run on the artifact of the bundled model, prints the STEPS tokens of
+    greedy decoding with eager PyTorch; the cache overflows while decoding iff overflows. Returns the run."""
+    result = run(program, *extra, artifact, prompt, STEPS)
     assert result.returncode == 0, result.stderr
-    tokens = [int(t) for t in result.stdout.split()]
+    tokens = [int(t) for t in result.stdout.splitlines()[0].split()]  # the first line; a program may add others
 
     eager = EagerRunner(bundled, CAPACITY, "drop")
     ids = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.int64)
@@ -52,3 +54,4 @@ def assert_tokens_match_eager(program: Path, artifact: Path, bundled, prompt: st
     assert len(tokens) == STEPS
     assert tokens == expected[0].tolist()
     assert any(int(o.overflow.sum()) > 0 for o in outputs) == overflows
+    return result
