@@ -474,6 +474,94 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
         sys.exit(1)
 
 
+@main.command()
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--context", type=click.IntRange(min=1), default=16384, show_default=True,
+              help="The sequence length the caches are filled for.")
+@click.option("--fill", "fills", multiple=True,
+              help="How full the caches are: own (the measured fill at the model's own thresholds; needs --model), "
+                   "-1 (every token cached: the dense cost), 3 (none: pure GDN), or a fraction in [0, 1]. Repeat "
+                   "for several; default: -1, own if --model is given, 3.")
+@click.option("--batch", "batches", type=click.IntRange(min=1, max=64), multiple=True,
+              help="Sequences decoded at once; repeat for several (default 1).")
+@click.option("--prompt", type=click.IntRange(min=1, max=65536), default=1024, show_default=True,
+              help="Prompt bytes of the prefill measurement.")
+@click.option("--warmup", type=click.IntRange(min=0, max=10000), default=5, show_default=True,
+              help="Decode steps run before timing, per configuration.")
+@click.option("--iterations", type=click.IntRange(min=1, max=100000), default=60, show_default=True,
+              help="Timed decode steps per configuration.")
+@click.option("--repeats", type=click.IntRange(min=1, max=100), default=3, show_default=True,
+              help="Rounds the timed steps are split into, every configuration in turn (interleaved).")
+@click.option("--model", type=click.Path(path_type=str), default=None,
+              help="The checkpoint of the artifacts, for --fill own (its fill is measured on held-out text).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Also write the report as JSON to this file ('-': stdout, instead of the tables).")
+@_user_errors
+def bench(artifacts: tuple[str, ...], context: int, fills: tuple[str, ...], batches: tuple[int, ...], prompt: int,
+          warmup: int, iterations: int, repeats: int, model: str | None, json_file: str | None) -> None:
+    """Decode latency and prefill throughput of artifacts, against the first configuration of the same run."""
+    from rich.progress import Progress
+
+    from .bench import bench as run_bench
+    from .bench import parse_fill
+    from .errors import InputError
+    from .memory.units import format_size
+
+    if context > MAX_CAPACITY * 64:
+        raise InputError(f"--context must be at most {MAX_CAPACITY * 64}, got {context}")
+    if json_file not in (None, "-"):
+        _writable(json_file, "file")
+
+    def own_fraction() -> float:
+        from .core import checkpoint
+        from .core.data import pydoc_corpus
+        from .memory import fill as fl
+        from .memory.report import DEFAULT_DOCS, DEFAULT_WINDOW
+
+        model_ = checkpoint.load(model).model
+        docs = fl.documents(pydoc_corpus().held_out, min(DEFAULT_WINDOW, context), DEFAULT_DOCS)
+        prediction = fl.predict_fill(fl.measure_fill(model_, docs, [None])[0], context)
+        return min(1.0, sum(prediction.expected_per_layer) / len(prediction.expected_per_layer) / context)
+
+    fills = fills or (("-1", "own", "3") if model else ("-1", "3"))
+    parsed = [parse_fill(f, own_fraction if model else None) for f in fills]
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("benchmarking", total=None)
+        report = run_bench(artifacts, context, parsed, batches or (1,), prompt, warmup, iterations, repeats,
+                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if json_file is not None:
+        text = json.dumps(report.to_dict(), indent=2)
+        if json_file == "-":
+            click.echo(text)
+            return
+        target = Path(json_file)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, target)  # whole or not at all
+    table = Table(title=f"decode at context {context}: step time over {iterations} steps per row, {repeats} "
+                        f"interleaved rounds; ratios against the first row")
+    for column in ("artifact", "backend", "fill", "cached", "batch", "median ms", "p90", "p99", "spread",
+                   "ratio", "of floor", "state"):
+        table.add_column(column, justify="right" if column not in ("artifact", "backend") else "left")
+    for r in report.decode:
+        table.add_row(r.artifact, r.backend, r.fill, f"{r.entries:,}", str(r.batch), f"{r.median_ms:.3f}",
+                      f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}", f"±{r.spread_ms:.3f}", f"{r.ratio:.2f}x",
+                      "" if r.of_floor is None else f"{r.of_floor:.2f}x", format_size(r.state_bytes))
+    out.print(table)
+    table = Table(title=f"prefill of a {prompt}-byte prompt; ratios of throughput against the first row")
+    for column in ("artifact", "backend", "batch", "median ms", "tokens/s", "ratio"):
+        table.add_column(column, justify="right" if column not in ("artifact", "backend") else "left")
+    for r in report.prefill:
+        table.add_row(r.artifact, r.backend, str(r.batch), f"{r.median_ms:.2f}", f"{r.tokens_per_s:,.0f}",
+                      f"{r.ratio:.2f}x")
+    out.print(table)
+    out.print(f"read bandwidth (NumPy sum over 256 MiB): {report.bandwidth_bytes_per_s / 1e9:.1f} GB/s; floor = the "
+              f"same batch's step with an empty cache + the keys and values read / bandwidth; process peak "
+              f"{format_size(report.peak_rss_bytes)}", markup=False)
+    for r in report.decode:
+        out.print(r.command, markup=False)
+
+
 def _memory_failures(report) -> str:
     """Why ``memory`` exits 1, in one line ("" when it does not): no threshold fits the budget, or the memory an
     artifact held differs from the prediction by more than the tolerance."""

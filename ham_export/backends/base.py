@@ -232,6 +232,11 @@ class Runner(ABC):
     @abstractmethod
     def _step(self, token: torch.Tensor, thresholds: torch.Tensor, state: Any) -> tuple[Output, Any]: ...
 
+    def state_from_tensors(self, tensors: list[torch.Tensor]) -> Any:
+        """A state this runner's ``step`` takes, from CPU tensors in :meth:`state_tensors` order (a benchmark's
+        prepared state). The default: the tensors themselves, contiguous."""
+        return [t.contiguous() for t in tensors]
+
     @abstractmethod
     def state_tensors(self, state: Any) -> list[torch.Tensor]:
         """The state as CPU torch tensors, in :func:`~ham_export.backends.programs.flatten_state` order."""

@@ -27,7 +27,7 @@ from . import artifact, register
 from .base import Backend, Runner
 from .eager import head
 from .manifest import ArtifactError, Manifest
-from .programs import flatten_state
+from .programs import flatten_state, unflatten_state
 
 NAME = "triton"
 WEIGHTS = checkpoint.SAFETENSORS
@@ -131,6 +131,9 @@ class TritonRunner(Runner):
 
     def state_tensors(self, state):
         return [x.detach().cpu().clone() for x in flatten_state(state)]
+
+    def state_from_tensors(self, tensors):
+        return unflatten_state([t.to(self.device).contiguous() for t in tensors])
 
 
 def _requires() -> str | None:

@@ -1,0 +1,289 @@
+"""``ham-export bench``: prefill throughput and decode latency of artifacts, at a long context, against the first
+configuration of the same run.
+
+Decode: each configuration (artifact x cache fill x batch) starts from a state whose caches hold the entries real
+text would leave at ``context`` (a fraction of it: the memory report's measured fill at a threshold, or a given
+fraction), capped at the artifact's capacity, and runs decode steps at that threshold. The entries are random
+(unit keys, normal values): a step's cost does not depend on their values. Configurations are measured interleaved,
+``iterations`` steps each, in ``repeats`` rounds, so that a machine's drift affects all alike; each row gives the
+median, p90 and p99 of the step times, the spread of the round medians, and its ratio to the first row.
+
+The floor of a decode row: the step at the same batch with an empty cache (its fixed cost, measured in the same run
+when a ``--fill 3`` row exists) plus the bytes its attention must read (keys and values of every cached entry of
+every layer) at the machine's read bandwidth, measured in the same run with a NumPy sum over a 256 MiB array.
+
+Prefill: the median time of a ``prompt``-byte prompt per batch, as tokens per second.
+
+Memory: the bytes of the state each configuration holds (caches at capacity), and the process's peak resident
+memory at the end (one process runs every configuration, so the peak is the largest's plus the runtime's).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .backends import Runner, load_runner
+from .backends.programs import describe
+from .errors import InputError
+
+NO_CACHE = 3.0  # a threshold above every score: nothing is cached (the pure-GDN step)
+EVERY_TOKEN = -1.0  # below every score: every token is cached (the dense cost)
+
+
+@dataclass(frozen=True)
+class Fill:
+    """How full the caches are at the context: ``label`` as given, the cached ``fraction`` of the context, and the
+    thresholds the decode steps run at (None: the artifact's own)."""
+
+    label: str
+    fraction: float
+    threshold: float | None
+
+
+def parse_fill(text: str, own_fraction: Callable[[], float] | None) -> Fill:
+    """``own``: the memory report's measured fill at the model's own thresholds (needs the checkpoint); a negative
+    threshold (``-1``: every token cached, the dense cost); a threshold above 2 (``3``: none cached, pure GDN); a
+    number in [0, 1]: that fraction of the context cached, decoding at the artifact's own thresholds."""
+    text = text.strip()
+    if text == "own":
+        if own_fraction is None:
+            raise InputError("--fill own needs --model CHECKPOINT (the model whose fill on text is measured)")
+        return Fill("own", own_fraction(), None)
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"--fill must be own, a threshold below 0 or above 2, or a fraction in [0, 1], got "
+                         f"{text!r}") from None
+    if not math.isfinite(value):
+        raise InputError(f"--fill {text!r} is not a finite number")
+    if value < 0.0:
+        return Fill(text, 1.0, value)
+    if value > 2.0:
+        return Fill(text, 0.0, value)
+    if value <= 1.0:
+        return Fill(text, value, None)
+    raise InputError(f"--fill {text}: a number in (1, 2] is neither a fraction nor a threshold whose fill is known "
+                     f"without text; measure its fill with `ham-export memory` and give the fraction")
+
+
+def filled_state(runner: Runner, batch: int, entries: int, seed: int = 0) -> list[torch.Tensor]:
+    """A state (flat, :data:`~ham_export.backends.programs.STATE_FIELDS` order) whose caches hold ``entries``
+    random entries in every layer, shaped as the artifact's decode program takes it."""
+    manifest = runner.manifest
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[manifest.dtype]
+    gen = torch.Generator().manual_seed(seed)
+    state = []
+    for info in describe(manifest.model, manifest.capacity, manifest.dtype)["decode"]["inputs"][2:]:
+        shape = [batch if d == "B" else d for d in info.shape]
+        field_name = info.name.rsplit(".", 1)[-1]
+        if field_name == "length":
+            state.append(torch.full(shape, entries, dtype=torch.int64))
+            continue
+        value = torch.zeros(shape)
+        if field_name in ("k_cache", "v_cache"):
+            filled = torch.randn([*shape[:2], entries, shape[3]], generator=gen)
+            if field_name == "k_cache":
+                filled = filled / filled.norm(dim=-1, keepdim=True)
+            value[:, :, :entries] = filled
+        elif field_name == "score_cache":
+            value[:, :entries] = torch.rand([shape[0], entries], generator=gen)
+        elif field_name == "ssm":
+            value = 0.1 * torch.randn(shape, generator=gen)
+        state.append(value.to(dtype).contiguous())
+    return runner.state_from_tensors(state)
+
+
+def read_bandwidth(megabytes: int = 256, runs: int = 5) -> float:
+    """The machine's read bandwidth in bytes per second: the best of ``runs`` NumPy sums over an array of
+    ``megabytes`` MiB."""
+    import numpy as np
+
+    data = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
+    best = math.inf
+    for _ in range(runs):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
+
+
+@dataclass
+class DecodeRow:
+    artifact: str
+    backend: str
+    fill: str
+    fraction: float
+    entries: int
+    batch: int
+    context: int
+    times: list[float] = field(default_factory=list, repr=False)  # seconds per step
+    round_medians: list[float] = field(default_factory=list, repr=False)
+    state_bytes: int = 0
+    read_bytes: int = 0  # keys and values the attention reads per step
+    median_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    spread_ms: float = 0.0  # standard deviation of the round medians
+    ratio: float = 1.0  # median over the first row's
+    floor_ms: float | None = None
+    of_floor: float | None = None  # median / floor
+    command: str = ""
+
+    def finish(self, baseline: DecodeRow | None) -> None:
+        times = sorted(self.times)
+        self.median_ms = 1e3 * statistics.median(times)
+        self.p90_ms = 1e3 * times[min(len(times) - 1, int(0.9 * len(times)))]
+        self.p99_ms = 1e3 * times[min(len(times) - 1, int(0.99 * len(times)))]
+        medians = [1e3 * m for m in self.round_medians]
+        self.spread_ms = statistics.pstdev(medians) if len(medians) > 1 else 0.0
+        self.ratio = self.median_ms / baseline.median_ms if baseline is not None and baseline.median_ms else 1.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        del data["times"], data["round_medians"]
+        return data
+
+
+@dataclass
+class PrefillRow:
+    artifact: str
+    backend: str
+    batch: int
+    prompt: int
+    times: list[float] = field(default_factory=list, repr=False)
+    median_ms: float = 0.0
+    tokens_per_s: float = 0.0
+    ratio: float = 1.0  # throughput over the first row's
+    command: str = ""
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        del data["times"]
+        return data
+
+
+@dataclass
+class BenchReport:
+    context: int
+    bandwidth_bytes_per_s: float
+    decode: list[DecodeRow]
+    prefill: list[PrefillRow]
+    peak_rss_bytes: int
+    machine: dict
+
+    def to_dict(self) -> dict:
+        return {"context": self.context, "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
+                "decode": [r.to_dict() for r in self.decode], "prefill": [r.to_dict() for r in self.prefill],
+                "peak_rss_bytes": self.peak_rss_bytes, "machine": self.machine}
+
+
+def machine() -> dict:
+    import os
+    import platform
+
+    import onnxruntime
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": getattr(onnxruntime, "__version__", "?")}
+
+
+def _thresholds(runner: Runner, fill: Fill) -> torch.Tensor:
+    if fill.threshold is not None:
+        return runner.check_thresholds(fill.threshold)
+    return runner.check_thresholds(torch.tensor(runner.manifest.thresholds))
+
+
+def bench(artifacts: Sequence[str], context: int, fills: Sequence[Fill], batches: Sequence[int], prompt: int,
+          warmup: int, iterations: int, repeats: int, progress: Callable[[int, int], None] | None = None
+          ) -> BenchReport:
+    """Measure every artifact x fill x batch (decode) and every artifact x batch (prefill); see the module doc."""
+    if iterations < repeats:
+        raise InputError(f"--iterations ({iterations}) must be at least --repeats ({repeats})")
+    runners = [load_runner(a).open() for a in artifacts]
+    try:
+        bandwidth = read_bandwidth()
+        configs = []
+        for artifact, runner in zip(artifacts, runners, strict=True):
+            cfg = runner.manifest.model
+            for fill in fills:
+                for batch in batches:
+                    entries = min(runner.capacity, round(fill.fraction * context))
+                    row = DecodeRow(str(artifact), runner.name, fill.label, fill.fraction, entries, batch, context)
+                    state = filled_state(runner, batch, entries)
+                    row.state_bytes = sum(t.numel() * t.element_size() for t in runner.state_tensors(state))
+                    row.read_bytes = (cfg.n_layers * batch * cfg.n_heads * entries * (cfg.head_dim + cfg.head_dim_v)
+                                      * (2 if runner.dtype == "fp16" else 4))
+                    row.command = (f"ham-export bench {artifact} --context {context} --fill {fill.label} --batch "
+                                   f"{batch} --iterations {iterations} --repeats {repeats}")
+                    configs.append((row, runner, state, _thresholds(runner, fill)))
+        total = len(configs) * (warmup + iterations) + len(runners) * len(batches) * (1 + max(3, repeats))
+        done = 0
+
+        def tick(n: int = 1) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        token_of = {b: torch.full((b,), ord("e"), dtype=torch.int64) for b in batches}
+        for i, (row, runner, state, tau) in enumerate(configs):  # warm-up, each on its own state
+            for _ in range(warmup):
+                _, state = runner.step(token_of[row.batch], tau, state)
+                tick()
+            configs[i] = (row, runner, state, tau)
+        per_round = iterations // repeats
+        for r in range(repeats):
+            steps = per_round if r < repeats - 1 else iterations - per_round * (repeats - 1)
+            for i, (row, runner, state, tau) in enumerate(configs):
+                times = []
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    _, state = runner.step(token_of[row.batch], tau, state)
+                    times.append(time.perf_counter() - start)
+                    tick()
+                row.times += times
+                row.round_medians.append(statistics.median(times))
+                configs[i] = (row, runner, state, tau)
+        rows = [c[0] for c in configs]
+        for row in rows:
+            row.finish(rows[0])
+        empty = {(r.artifact, r.batch): r for r in rows if r.entries == 0}
+        for row in rows:
+            base = empty.get((row.artifact, row.batch))
+            if base is not None:
+                row.floor_ms = base.median_ms + 1e3 * row.read_bytes / bandwidth
+                row.of_floor = row.median_ms / row.floor_ms
+
+        prefill_rows = []
+        gen = torch.Generator().manual_seed(0)
+        for artifact, runner in zip(artifacts, runners, strict=True):
+            for batch in batches:
+                row = PrefillRow(str(artifact), runner.name, batch, prompt,
+                                 command=f"ham-export bench {artifact} --prompt {prompt} --batch {batch}")
+                tokens = torch.randint(0, runner.vocab_size, (batch, prompt), generator=gen)
+                tau = runner.check_thresholds(torch.tensor(runner.manifest.thresholds))
+                runner.prefill(tokens, tau)  # warm-up
+                tick()
+                for _ in range(max(3, repeats)):
+                    start = time.perf_counter()
+                    runner.prefill(tokens, tau)
+                    row.times.append(time.perf_counter() - start)
+                    tick()
+                row.median_ms = 1e3 * statistics.median(row.times)
+                row.tokens_per_s = batch * prompt / (row.median_ms / 1e3)
+                prefill_rows.append(row)
+        for row in prefill_rows:
+            row.ratio = row.tokens_per_s / prefill_rows[0].tokens_per_s
+    finally:
+        for runner in runners:
+            runner.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return BenchReport(context, bandwidth, rows, prefill_rows, peak, machine())

@@ -1,0 +1,94 @@
+"""``ham-export bench``: rows for every artifact x fill x batch, caches filled as asked (capped at capacity), ratios
+against the first row, floors where an empty-cache row exists, prefill rows, JSON; bad options are exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ham_export.backends import load_runner, registry
+from ham_export.bench import filled_state, parse_fill
+from ham_export.cli import main
+from ham_export.core import checkpoint
+from ham_export.errors import InputError
+
+from ..conftest import make_small_model
+
+CAPACITY = 48
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    model = make_small_model()
+    return {
+        "model": checkpoint.save_pt(model, root / "model.pt"),
+        "onnx": registry()["onnxruntime"].build(model, root / "onnx", capacity=CAPACITY, policy="drop",
+                                               ops="standard"),
+        "exported": registry()["torch.export"].build(model, root / "exported", capacity=CAPACITY, policy="drop"),
+        "root": root,
+    }
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_fills_are_thresholds_or_fractions():
+    assert parse_fill("-1", None).fraction == 1.0 and parse_fill("3", None).fraction == 0.0
+    assert parse_fill("0.25", None).fraction == 0.25 and parse_fill("0.25", None).threshold is None
+    assert parse_fill("own", lambda: 0.125).fraction == 0.125
+    for bad in ("1.5", "own", "x", "nan"):
+        with pytest.raises(InputError):
+            parse_fill(bad, None)
+
+
+def test_a_filled_state_decodes_from_its_length(world):
+    with load_runner(world["onnx"]) as runner:
+        state = filled_state(runner, 2, 20)
+        _, state = runner.step(torch.tensor([101, 102]), -1.0, state)
+        lengths = runner.state_tensors(state)[5::6]
+        assert all(x.tolist() == [21, 21] for x in lengths)
+
+
+def test_bench_rows_ratios_floors_and_json(world):
+    out = world["root"] / "bench.json"
+    code, output = run("bench", world["onnx"], world["exported"], "--context", 64, "--fill", -1, "--fill", 0.5,
+                       "--fill", 3, "--iterations", 4, "--repeats", 2, "--warmup", 1, "--prompt", 16, "--json", out)
+    assert code == 0, output
+    report = json.loads(out.read_text())
+    rows = report["decode"]
+    assert [(r["backend"], r["fill"]) for r in rows] == [(b, f) for b in ("onnxruntime", "torch.export")
+                                                         for f in ("-1", "0.5", "3")]
+    assert [r["entries"] for r in rows] == [CAPACITY, 32, 0] * 2  # -1 fills 64, capped at the capacity
+    assert rows[0]["ratio"] == 1.0 and all(r["median_ms"] > 0 and r["p99_ms"] >= r["median_ms"] for r in rows)
+    assert all(r["of_floor"] is not None and r["floor_ms"] > 0 for r in rows)
+    assert rows[2]["of_floor"] == pytest.approx(1.0)  # the empty-cache row is its own floor
+    assert all(r["read_bytes"] == 0 for r in rows if r["entries"] == 0)
+    assert all(r["command"].startswith("ham-export bench ") and "--fill" in r["command"] for r in rows)
+    assert len(report["prefill"]) == 2 and report["prefill"][0]["ratio"] == 1.0
+    assert report["bandwidth_bytes_per_s"] > 1e8 and report["peak_rss_bytes"] > 0
+    assert "ham-export bench" in output and "decode at context 64" in output
+
+
+def test_bench_own_fill_is_measured_with_the_checkpoint(world):
+    code, output = run("bench", world["onnx"], "--context", 64, "--fill", "own", "--model", world["model"],
+                       "--iterations", 2, "--repeats", 1, "--warmup", 0, "--prompt", 8, "--json", "-")
+    assert code == 0, output
+    [row] = json.loads(output)["decode"]
+    assert row["fill"] == "own" and 0.0 <= row["fraction"] <= 1.0
+    assert row["entries"] == min(CAPACITY, round(row["fraction"] * 64))
+
+
+@pytest.mark.parametrize(("args", "phrase"), [
+    (("--fill", "1.5"), "neither a fraction"),
+    (("--fill", "own"), "--fill own needs --model"),
+    (("--iterations", "2", "--repeats", "3"), "--iterations"),
+])
+def test_bench_bad_options_are_exit_2(world, args, phrase):
+    code, output = run("bench", world["onnx"], "--context", 64, *args)
+    assert code == 2 and phrase in output, output
