@@ -10,7 +10,8 @@ median, p90 and p99 of the step times, the spread of the round medians, and its 
 
 The floor of a decode row: the step at the same batch with an empty cache (its fixed cost, measured in the same run
 when a ``--fill 3`` row exists) plus the bytes its attention must read (keys and values of every cached entry of
-every layer) at the machine's read bandwidth, measured in the same run with a NumPy sum over a 256 MiB array.
+every layer) at the machine's read bandwidth, measured in the same run: the faster of a NumPy sum (one thread) and a
+torch sum (all its threads) over a 256 MiB array.
 
 Prefill: the median time of a ``prompt``-byte prompt per batch, as tokens per second.
 
@@ -101,17 +102,20 @@ def filled_state(runner: Runner, batch: int, entries: int, seed: int = 0) -> lis
 
 
 def read_bandwidth(megabytes: int = 256, runs: int = 5) -> float:
-    """The machine's read bandwidth in bytes per second: the best of ``runs`` NumPy sums over an array of
-    ``megabytes`` MiB."""
+    """The machine's read bandwidth in bytes per second: the best of ``runs`` sums over ``megabytes`` MiB of float32,
+    with NumPy (one thread) and with torch (its intra-op threads, as a runtime's kernels read)."""
     import numpy as np
 
-    data = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
+    array = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
+    tensor = torch.from_numpy(array)
     best = math.inf
-    for _ in range(runs):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return data.nbytes / best
+    for total in (array.sum, tensor.sum):
+        total()  # first touch
+        for _ in range(runs):
+            start = time.perf_counter()
+            total()
+            best = min(best, time.perf_counter() - start)
+    return array.nbytes / best
 
 
 @dataclass
@@ -188,11 +192,13 @@ def machine() -> dict:
     import os
     import platform
 
-    import onnxruntime
-
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": getattr(onnxruntime, "__version__", "?")}
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort_version}
 
 
 def _thresholds(runner: Runner, fill: Fill) -> torch.Tensor:

@@ -555,7 +555,7 @@ def bench(artifacts: tuple[str, ...], context: int, fills: tuple[str, ...], batc
         table.add_row(r.artifact, r.backend, str(r.batch), f"{r.median_ms:.2f}", f"{r.tokens_per_s:,.0f}",
                       f"{r.ratio:.2f}x")
     out.print(table)
-    out.print(f"read bandwidth (NumPy sum over 256 MiB): {report.bandwidth_bytes_per_s / 1e9:.1f} GB/s; floor = the "
+    out.print(f"read bandwidth (a sum over 256 MiB): {report.bandwidth_bytes_per_s / 1e9:.1f} GB/s; floor = the "
               f"same batch's step with an empty cache + the keys and values read / bandwidth; process peak "
               f"{format_size(report.peak_rss_bytes)}", markup=False)
     for r in report.decode:

@@ -25,11 +25,18 @@ struct Element<float> {
   static float Store(float x) { return x; }
 };
 
+// a . b in float, over kLanes independent partial sums (a single running sum is one long chain of dependent adds,
+// which the compiler may not reorder into vector lanes; these it packs into SIMD registers).
 template <typename T>
 inline float Dot(const T* a, const T* b, int64_t n) {
-  float sum = 0.0f;
-  for (int64_t i = 0; i < n; ++i) sum += Element<T>::Load(a[i]) * Element<T>::Load(b[i]);
-  return sum;
+  constexpr int64_t kLanes = 8;
+  float lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) lane[j] += Element<T>::Load(a[i + j]) * Element<T>::Load(b[i + j]);
+  }
+  for (; i < n; ++i) lane[0] += Element<T>::Load(a[i]) * Element<T>::Load(b[i]);
+  return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
