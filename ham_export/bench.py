@@ -44,19 +44,18 @@ class Fill:
     thresholds the decode steps run at (None: the artifact's own)."""
 
     label: str
-    fraction: float
+    fraction: float | None  # None: the artifact's own, per layer (:func:`own_fractions`)
     threshold: float | None
 
 
-def parse_fill(text: str, own_fraction: Callable[[], float] | None) -> Fill:
-    """``own``: the memory report's measured fill at the model's own thresholds (needs the checkpoint); a negative
-    threshold (``-1``: every token cached, the dense cost); a threshold above 2 (``3``: none cached, pure GDN); a
-    number in [0, 1]: that fraction of the context cached, decoding at the artifact's own thresholds."""
+def parse_fill(text: str) -> Fill:
+    """``own``: each artifact's own thresholds, with the fill real text gives them (every token for a layer whose
+    threshold is below 0, none above 2, else the memory report's measured fill: that needs the checkpoint); a
+    negative threshold (``-1``: every token cached, the dense cost); a threshold above 2 (``3``: none cached, pure
+    GDN); a number in [0, 1]: that fraction of the context cached, decoding at the artifact's own thresholds."""
     text = text.strip()
     if text == "own":
-        if own_fraction is None:
-            raise InputError("--fill own needs --model CHECKPOINT (the model whose fill on text is measured)")
-        return Fill("own", own_fraction(), None)
+        return Fill("own", None, None)
     try:
         value = float(text)
     except ValueError:
@@ -74,16 +73,33 @@ def parse_fill(text: str, own_fraction: Callable[[], float] | None) -> Fill:
                      f"without text; measure its fill with `ham-export memory` and give the fraction")
 
 
-def filled_state(runner: Runner, batch: int, entries: int, seed: int = 0) -> list[torch.Tensor]:
+def own_fractions(runner: Runner, measure: Callable[[Runner], list[float]] | None) -> list[float]:
+    """The cached fraction of the context per layer at the artifact's own thresholds: 1 below 0, 0 above 2, else
+    ``measure(runner)`` (the memory report's fill of the checkpoint)."""
+    thresholds = list(runner.manifest.thresholds)
+    known = [1.0 if t <= 0.0 else 0.0 if t > 2.0 else None for t in thresholds]
+    if all(k is not None for k in known):
+        return known
+    if measure is None:
+        raise InputError(f"--fill own: {runner.manifest.directory} routes on its text (thresholds "
+                         f"{', '.join(f'{t:.3g}' for t in thresholds)}): give --model CHECKPOINT, its model, whose "
+                         f"fill on held-out text is measured")
+    measured = measure(runner)
+    return [m if k is None else k for k, m in zip(known, measured, strict=True)]
+
+
+def filled_state(runner: Runner, batch: int, entries: int | Sequence[int], seed: int = 0) -> list[torch.Tensor]:
     """A state (flat, :data:`~ham_export.backends.programs.STATE_FIELDS` order) whose caches hold ``entries``
-    random entries in every layer, shaped as the artifact's decode program takes it."""
+    random entries (one count, or one per layer), shaped as the artifact's decode program takes it."""
     manifest = runner.manifest
+    per_layer = [entries] * manifest.model.n_layers if isinstance(entries, int) else list(entries)
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[manifest.dtype]
     gen = torch.Generator().manual_seed(seed)
     state = []
     for info in describe(manifest.model, manifest.capacity, manifest.dtype)["decode"]["inputs"][2:]:
         shape = [batch if d == "B" else d for d in info.shape]
         field_name = info.name.rsplit(".", 1)[-1]
+        entries = per_layer[int(info.name.split(".")[1])]
         if field_name == "length":
             state.append(torch.full(shape, entries, dtype=torch.int64))
             continue
@@ -123,10 +139,11 @@ class DecodeRow:
     artifact: str
     backend: str
     fill: str
-    fraction: float
-    entries: int
+    fraction: float  # of the context, mean over layers
+    entries: int  # cached entries, mean over layers (capped at the capacity)
     batch: int
     context: int
+    entries_per_layer: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list, repr=False)  # seconds per step
     round_medians: list[float] = field(default_factory=list, repr=False)
     state_bytes: int = 0
@@ -208,8 +225,8 @@ def _thresholds(runner: Runner, fill: Fill) -> torch.Tensor:
 
 
 def bench(artifacts: Sequence[str], context: int, fills: Sequence[Fill], batches: Sequence[int], prompt: int,
-          warmup: int, iterations: int, repeats: int, progress: Callable[[int, int], None] | None = None
-          ) -> BenchReport:
+          warmup: int, iterations: int, repeats: int, progress: Callable[[int, int], None] | None = None,
+          measure: Callable[[Runner], list[float]] | None = None) -> BenchReport:
     """Measure every artifact x fill x batch (decode) and every artifact x batch (prefill); see the module doc."""
     if iterations < repeats:
         raise InputError(f"--iterations ({iterations}) must be at least --repeats ({repeats})")
@@ -220,12 +237,15 @@ def bench(artifacts: Sequence[str], context: int, fills: Sequence[Fill], batches
         for artifact, runner in zip(artifacts, runners, strict=True):
             cfg = runner.manifest.model
             for fill in fills:
+                fractions = (own_fractions(runner, measure) if fill.fraction is None
+                             else [fill.fraction] * cfg.n_layers)
+                entries = [min(runner.capacity, round(f * context)) for f in fractions]
                 for batch in batches:
-                    entries = min(runner.capacity, round(fill.fraction * context))
-                    row = DecodeRow(str(artifact), runner.name, fill.label, fill.fraction, entries, batch, context)
+                    row = DecodeRow(str(artifact), runner.name, fill.label, sum(fractions) / len(fractions),
+                                    round(sum(entries) / len(entries)), batch, context, entries)
                     state = filled_state(runner, batch, entries)
                     row.state_bytes = sum(t.numel() * t.element_size() for t in runner.state_tensors(state))
-                    row.read_bytes = (cfg.n_layers * batch * cfg.n_heads * entries * (cfg.head_dim + cfg.head_dim_v)
+                    row.read_bytes = (batch * cfg.n_heads * sum(entries) * (cfg.head_dim + cfg.head_dim_v)
                                       * (2 if runner.dtype == "fp16" else 4))
                     row.command = (f"ham-export bench {artifact} --context {context} --fill {fill.label} --batch "
                                    f"{batch} --iterations {iterations} --repeats {repeats}")
@@ -261,7 +281,7 @@ def bench(artifacts: Sequence[str], context: int, fills: Sequence[Fill], batches
         rows = [c[0] for c in configs]
         for row in rows:
             row.finish(rows[0])
-        empty = {(r.artifact, r.batch): r for r in rows if r.entries == 0}
+        empty = {(r.artifact, r.batch): r for r in rows if not any(r.entries_per_layer)}
         for row in rows:
             base = empty.get((row.artifact, row.batch))
             if base is not None:

@@ -479,9 +479,9 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
 @click.option("--context", type=click.IntRange(min=1), default=16384, show_default=True,
               help="The sequence length the caches are filled for.")
 @click.option("--fill", "fills", multiple=True,
-              help="How full the caches are: own (the measured fill at the model's own thresholds; needs --model), "
-                   "-1 (every token cached: the dense cost), 3 (none: pure GDN), or a fraction in [0, 1]. Repeat "
-                   "for several; default: -1, own if --model is given, 3.")
+              help="How full the caches are: own (each artifact's own thresholds, at the fill text gives them: "
+                   "measured with --model where a threshold routes on the text), -1 (every token cached: the dense "
+                   "cost), 3 (none: pure GDN), or a fraction in [0, 1]. Repeat for several; default: -1, own, 3.")
 @click.option("--batch", "batches", type=click.IntRange(min=1, max=64), multiple=True,
               help="Sequences decoded at once; repeat for several (default 1).")
 @click.option("--prompt", type=click.IntRange(min=1, max=65536), default=1024, show_default=True,
@@ -512,23 +512,29 @@ def bench(artifacts: tuple[str, ...], context: int, fills: tuple[str, ...], batc
     if json_file not in (None, "-"):
         _writable(json_file, "file")
 
-    def own_fraction() -> float:
+    loaded = {}
+
+    def measure(runner) -> list[float]:
+        """The fill of --model at the runner's own thresholds, per layer, as the memory report measures it."""
         from .core import checkpoint
         from .core.data import pydoc_corpus
         from .memory import fill as fl
         from .memory.report import DEFAULT_DOCS, DEFAULT_WINDOW
 
-        model_ = checkpoint.load(model).model
+        if "model" not in loaded:
+            loaded["model"] = checkpoint.load(model).model
+        runner.manifest.check_weights(loaded["model"])  # another model's fill would mean nothing: exit 2
         docs = fl.documents(pydoc_corpus().held_out, min(DEFAULT_WINDOW, context), DEFAULT_DOCS)
-        prediction = fl.predict_fill(fl.measure_fill(model_, docs, [None])[0], context)
-        return min(1.0, sum(prediction.expected_per_layer) / len(prediction.expected_per_layer) / context)
+        prediction = fl.predict_fill(fl.measure_fill(loaded["model"], docs, [None])[0], context)
+        return [min(1.0, e / context) for e in prediction.expected_per_layer]
 
-    fills = fills or (("-1", "own", "3") if model else ("-1", "3"))
-    parsed = [parse_fill(f, own_fraction if model else None) for f in fills]
+    fills = fills or ("-1", "own", "3")
+    parsed = [parse_fill(f) for f in fills]
     with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("benchmarking", total=None)
         report = run_bench(artifacts, context, parsed, batches or (1,), prompt, warmup, iterations, repeats,
-                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+                           progress=lambda done, total: bar.update(task, completed=done, total=total),
+                           measure=measure if model else None)
     if json_file is not None:
         text = json.dumps(report.to_dict(), indent=2)
         if json_file == "-":

@@ -4,13 +4,14 @@ against the first row, floors where an empty-cache row exists, prefill rows, JSO
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from ham_export.backends import load_runner, registry
-from ham_export.bench import filled_state, parse_fill
+from ham_export.bench import filled_state, own_fractions, parse_fill
 from ham_export.cli import main
 from ham_export.core import checkpoint
 from ham_export.errors import InputError
@@ -39,12 +40,23 @@ def run(*args):
 
 
 def test_fills_are_thresholds_or_fractions():
-    assert parse_fill("-1", None).fraction == 1.0 and parse_fill("3", None).fraction == 0.0
-    assert parse_fill("0.25", None).fraction == 0.25 and parse_fill("0.25", None).threshold is None
-    assert parse_fill("own", lambda: 0.125).fraction == 0.125
-    for bad in ("1.5", "own", "x", "nan"):
+    assert parse_fill("-1").fraction == 1.0 and parse_fill("3").fraction == 0.0
+    assert parse_fill("0.25").fraction == 0.25 and parse_fill("0.25").threshold is None
+    assert parse_fill("own").fraction is None  # resolved per artifact
+    for bad in ("1.5", "x", "nan"):
         with pytest.raises(InputError):
-            parse_fill(bad, None)
+            parse_fill(bad)
+
+
+def test_own_fill_is_known_without_text_where_the_thresholds_say_so():
+    def runner(thresholds):
+        return SimpleNamespace(manifest=SimpleNamespace(thresholds=thresholds, directory="art"))
+
+    assert own_fractions(runner([-1.0, -1.0]), None) == [1.0, 1.0]  # a full-cache model
+    assert own_fractions(runner([3.0, 3.0]), None) == [0.0, 0.0]  # pure GDN
+    assert own_fractions(runner([-1.0, 0.5]), lambda r: [0.7, 0.25]) == [1.0, 0.25]
+    with pytest.raises(InputError, match="give --model"):
+        own_fractions(runner([0.5, 0.5]), None)
 
 
 def test_a_filled_state_decodes_from_its_length(world):
@@ -81,12 +93,18 @@ def test_bench_own_fill_is_measured_with_the_checkpoint(world):
     assert code == 0, output
     [row] = json.loads(output)["decode"]
     assert row["fill"] == "own" and 0.0 <= row["fraction"] <= 1.0
-    assert row["entries"] == min(CAPACITY, round(row["fraction"] * 64))
+    assert all(0 <= e <= CAPACITY for e in row["entries_per_layer"]) and len(row["entries_per_layer"]) == 2
+    other = make_small_model()
+    other.reset_parameters(seed=7)
+    code, output = run("bench", world["onnx"], "--context", 64, "--fill", "own", "--model",
+                       checkpoint.save_pt(other, world["root"] / "other.pt"), "--iterations", 1, "--repeats", 1,
+                       "--prompt", 8)
+    assert code == 2 and "other weights" in output, output
 
 
 @pytest.mark.parametrize(("args", "phrase"), [
     (("--fill", "1.5"), "neither a fraction"),
-    (("--fill", "own"), "--fill own needs --model"),
+    (("--fill", "own"), "give --model CHECKPOINT"),
     (("--iterations", "2", "--repeats", "3"), "--iterations"),
 ])
 def test_bench_bad_options_are_exit_2(world, args, phrase):
