@@ -105,6 +105,7 @@ class MemoryReport:
     verification: list[dict[str, Any]] | None = None
     engine: dict[str, Any] | None = None  # a TensorRT artifact's device memory (ham_export.memory.engine)
     backends: dict[str, str] = field(default_factory=dict)
+    fill_runner: str = "eager"  # what ran the fill measurement: eager PyTorch, or ONNX Runtime (fill.fast_runner)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -118,6 +119,7 @@ class MemoryReport:
             "verification": self.verification,
             "engine": self.engine,
             "backends": self.backends,
+            "fill_runner": self.fill_runner,
         }
 
 
@@ -140,7 +142,7 @@ def parse_thresholds(text: str) -> list[float]:
 def memory_report(model: HAMLM, data: bytes, context: int, batch: int = 1, dtype: str = "fp32",
                   thresholds: Sequence[float] = SWEEP, budget: int | None = None, window: int = DEFAULT_WINDOW,
                   max_docs: int = DEFAULT_DOCS, model_name: str = "", data_name: str = "",
-                  progress: Callable[[int], None] | None = None) -> MemoryReport:
+                  progress: Callable[[int], None] | None = None, fast: bool = True) -> MemoryReport:
     """Measure the fill and quality at each threshold (and the model's own), model the memory at ``context``, and
     choose against ``budget``. ``progress`` is called with the documents done."""
     if context < 1 or batch < 1:
@@ -159,7 +161,12 @@ def memory_report(model: HAMLM, data: bytes, context: int, batch: int = 1, dtype
                 f"{format_size(fixed.state_bytes)} for batch {batch} in {dtype} + the cache and workspace; "
                 f"no threshold or capacity can fit it")
     docs = fl.documents(data, window, max_docs)
-    runs = fl.measure_fill(model, docs, [None, *thresholds], progress=progress)
+    runner = fl.fast_runner(model, docs.shape[1] - 1) if fast else None
+    try:
+        runs = fl.measure_fill(model, docs, [None, *thresholds], progress=progress, runner=runner)
+    finally:
+        if runner is not None:
+            runner.close()
     own_bpb = runs[0].bits_per_byte
 
     def row(run: fl.FillRun) -> MemoryRow:
@@ -170,7 +177,8 @@ def memory_report(model: HAMLM, data: bytes, context: int, batch: int = 1, dtype
 
     rows = [row(run) for run in runs[1:]]
     report = MemoryReport(model_name, data_name, context, batch, dtype, docs.shape[1] - 1, docs.shape[0], rows,
-                          row(runs[0]), fl.extrapolation_check(runs[0].counts), backends=backend_notes())
+                          row(runs[0]), fl.extrapolation_check(runs[0].counts), backends=backend_notes(),
+                          fill_runner="eager" if runner is None else "onnxruntime (custom ops)")
     if budget is not None:
         for r in [*rows, report.own]:
             r.fits = r.memory.total_bytes <= budget

@@ -44,7 +44,7 @@ def readme_commands(subcommands: set[str]) -> list[list[str]]:
     text = (ROOT / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continued lines joined
             line = line.split("#", 1)[0].strip()
             if line.startswith("ham-export "):
                 args = shlex.split(line)[1:]
