@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -11,6 +12,9 @@ import pytest
 # test module imports a kernel. Tests that need compiled kernels (the sm_90 compiles, the gpu-marked tests) run them
 # in child processes without it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The memory report's fill runner is exported into the user's cache (ham_export.memory.fill.fast_runner): the tests
+# use a cache of their own, so that they neither read a stale one nor leave files in the user's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ham-export-test-cache-")
 
 import torch
 
