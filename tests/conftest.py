@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -53,3 +54,7 @@ def make_saturated_model() -> HAMLM:
 @pytest.fixture
 def small_model(router) -> HAMLM:
     return make_small_model(router)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(os.environ["XDG_CACHE_HOME"], ignore_errors=True)
