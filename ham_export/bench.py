@@ -313,3 +313,40 @@ def bench(artifacts: Sequence[str], context: int, fills: Sequence[Fill], batches
             runner.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return BenchReport(context, bandwidth, rows, prefill_rows, peak, machine())
+
+
+def plot(report: BenchReport, path) -> None:
+    """A PNG of each decode row's median step time (bar), its p90 (whisker) and its floor (marker)."""
+    import os
+    from pathlib import Path
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'ham-export[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report.decode
+    labels = [f"{Path(r.artifact).name}\nfill {r.fill}, batch {r.batch}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.8), dpi=110)
+    ax.bar(x, [r.median_ms for r in rows], color="tab:blue", label="median step")
+    ax.errorbar(x, [r.median_ms for r in rows], yerr=[[0] * len(rows), [r.p90_ms - r.median_ms for r in rows]],
+                fmt="none", ecolor="black", capsize=3, label="p90")
+    floors = [(i, r.floor_ms) for i, r in enumerate(rows) if r.floor_ms is not None]
+    if floors:
+        ax.plot([i for i, _ in floors], [f for _, f in floors], "r_", markersize=22, mew=2, label="floor")
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("ms per decode step")
+    ax.set_title(f"decode at context {report.context} ({report.bandwidth_bytes_per_s / 1e9:.1f} GB/s read)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")  # then renamed: a reader never sees half a PNG
+    try:
+        fig.savefig(partial, format=path.suffix.lstrip(".") or "png")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+        plt.close(fig)

@@ -496,9 +496,12 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
               help="The checkpoint of the artifacts, for --fill own (its fill is measured on held-out text).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Also write the report as JSON to this file ('-': stdout, instead of the tables).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Also draw the decode rows (median, p90, floor) into this PNG (needs matplotlib).")
 @_user_errors
 def bench(artifacts: tuple[str, ...], context: int, fills: tuple[str, ...], batches: tuple[int, ...], prompt: int,
-          warmup: int, iterations: int, repeats: int, model: str | None, json_file: str | None) -> None:
+          warmup: int, iterations: int, repeats: int, model: str | None, json_file: str | None,
+          plot: str | None) -> None:
     """Decode latency and prefill throughput of artifacts, against the first configuration of the same run."""
     from rich.progress import Progress
 
@@ -511,6 +514,8 @@ def bench(artifacts: tuple[str, ...], context: int, fills: tuple[str, ...], batc
         raise InputError(f"--context must be at most {MAX_CAPACITY * 64}, got {context}")
     if json_file not in (None, "-"):
         _writable(json_file, "file")
+    if plot is not None:
+        _writable(plot, "file")
 
     loaded = {}
 
@@ -535,6 +540,10 @@ def bench(artifacts: tuple[str, ...], context: int, fills: tuple[str, ...], batc
         report = run_bench(artifacts, context, parsed, batches or (1,), prompt, warmup, iterations, repeats,
                            progress=lambda done, total: bar.update(task, completed=done, total=total),
                            measure=measure if model else None)
+    if plot is not None:
+        from .bench import plot as plot_bench
+
+        plot_bench(report, plot)
     if json_file is not None:
         text = json.dumps(report.to_dict(), indent=2)
         if json_file == "-":

@@ -70,8 +70,10 @@ def test_a_filled_state_decodes_from_its_length(world):
 def test_bench_rows_ratios_floors_and_json(world):
     out = world["root"] / "bench.json"
     code, output = run("bench", world["onnx"], world["exported"], "--context", 64, "--fill", -1, "--fill", 0.5,
-                       "--fill", 3, "--iterations", 4, "--repeats", 2, "--warmup", 1, "--prompt", 16, "--json", out)
+                       "--fill", 3, "--iterations", 4, "--repeats", 2, "--warmup", 1, "--prompt", 16, "--json", out,
+                       "--plot", world["root"] / "bench.png")
     assert code == 0, output
+    assert (world["root"] / "bench.png").read_bytes()[:4] == b"\x89PNG"
     report = json.loads(out.read_text())
     rows = report["decode"]
     assert [(r["backend"], r["fill"]) for r in rows] == [(b, f) for b in ("onnxruntime", "torch.export")
