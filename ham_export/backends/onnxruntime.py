@@ -202,6 +202,14 @@ class OrtRunner(Runner):
         return [x.detach().cpu() for x in state]
 
 
+def custom_ops_missing() -> str | None:
+    """Why the custom-op form cannot run here (ONNX Runtime or the op library missing), or None."""
+    reason = _requires()
+    if reason is None and not ORT.path().is_file():
+        reason = f"the ONNX Runtime op library is not built at {ORT.path()} ({ORT.build})"
+    return reason
+
+
 def _requires() -> str | None:
     try:
         import onnxruntime  # noqa: F401

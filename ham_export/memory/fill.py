@@ -94,16 +94,15 @@ def fast_runner(model: HAMLM, window: int):
     from pathlib import Path
 
     from ..backends import load_runner, registry
+    from ..backends.onnxruntime import custom_ops_missing
     from ..core.checkpoint import weights_sha256
 
     log = logging.getLogger(__name__)
-    backend = registry().get("onnxruntime")
-    if backend is None or backend.requires() is not None:
+    missing = custom_ops_missing()
+    if missing is not None:
+        log.info("measuring the fill with the eager model: %s", missing)
         return None
-    from ..ops.libraries import ORT
-
-    if not ORT.path().is_file():
-        return None
+    backend = registry()["onnxruntime"]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ham-export" / "fill"
     folder = cache / f"{weights_sha256(model)[:24]}-w{window}"
     try:
