@@ -317,8 +317,9 @@ def bench(artifacts: Sequence[str], context: int, fills: Sequence[Fill], batches
 
 def plot(report: BenchReport, path) -> None:
     """A PNG of each decode row's median step time (bar), its p90 (whisker) and its floor (marker)."""
-    import os
     from pathlib import Path
+
+    from .memory.report import save_figure
 
     try:
         import matplotlib
@@ -341,12 +342,4 @@ def plot(report: BenchReport, path) -> None:
     ax.set_ylabel("ms per decode step")
     ax.set_title(f"decode at context {report.context} ({report.bandwidth_bytes_per_s / 1e9:.1f} GB/s read)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")  # then renamed: a reader never sees half a PNG
-    try:
-        fig.savefig(partial, format=path.suffix.lstrip(".") or "png")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-        plt.close(fig)
+    save_figure(fig, path)

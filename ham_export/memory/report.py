@@ -260,6 +260,14 @@ def plot_report(report: MemoryReport, path: str | Path) -> Path:
     more = quality.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="center left")
     ax.set_title(f"{Path(report.model).name}: memory and quality against threshold")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure to ``path`` (its format from the suffix, default PNG) whole or not at all, and
+    close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")  # then renamed: a reader never sees half a PNG
