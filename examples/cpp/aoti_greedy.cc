@@ -19,9 +19,7 @@
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <dlfcn.h>
-#include <sys/stat.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
-#include <unistd.h>
 
 #include <cstdint>
 #include <cstring>
@@ -38,30 +36,10 @@ constexpr const char* kOps[] = {"ham::cache_attention", "ham::cache_append", "ha
 
 using greedy::UsageError;
 
-bool IsFile(const std::string& path) {
-  struct stat info;
-  return stat(path.c_str(), &info) == 0 && S_ISREG(info.st_mode);
-}
-
-bool IsDir(const std::string& path) {
-  struct stat info;
-  return stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode);
-}
-
-// The folder of a path ("." when it has none).
-std::string Parent(const std::string& path) {
-  size_t slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  return slash == 0 ? "/" : path.substr(0, slash);
-}
-
-// The folder of this executable (from /proc/self/exe).
-std::string ExecutableDir() {
-  std::vector<char> buffer(4096);
-  ssize_t n = readlink("/proc/self/exe", buffer.data(), buffer.size() - 1);
-  if (n <= 0) return ".";
-  return Parent(std::string(buffer.data(), static_cast<size_t>(n)));
-}
+using greedy::ExecutableDir;
+using greedy::IsDir;
+using greedy::IsFile;
+using greedy::Parent;
 
 // Checks that the manifest describes a CPU AOTInductor package; returns it, checked (greedy::ReadManifest).
 greedy::Manifest ReadManifest(const std::string& manifest_path) {

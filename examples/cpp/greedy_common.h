@@ -1,11 +1,14 @@
-// What the greedy decoders (tvm_greedy.cc, aoti_greedy.cc, trt_greedy.cc) share, independent of their runtimes: the
-// usage error, reading and checking the manifest (with nlohmann/json), checking PROMPT and STEPS, the byte-level
-// tokens, the greedy loop, printing the picked ids, and main's error reporting ("<program>: message"; exit code 2 for a
-// UsageError, 1 for any other error). Header-only, so that each CMake project (examples/cpp, examples/cpp/aoti) builds
-// on its own.
+// What the greedy decoders (ort_greedy.cc, tvm_greedy.cc, aoti_greedy.cc, trt_greedy.cc) share, independent of their
+// runtimes: the usage error, file and folder tests, the executable's folder, reading and checking the manifest (with
+// nlohmann/json), checking PROMPT and STEPS, the byte-level tokens, the greedy loop, printing the picked ids, and
+// main's error reporting ("<program>: message"; exit code 2 for a UsageError, 1 for any other error). Header-only, so
+// that each CMake project (examples/cpp, examples/cpp/aoti) builds on its own.
 
 #ifndef HAM_EXAMPLES_CPP_GREEDY_COMMON_H_
 #define HAM_EXAMPLES_CPP_GREEDY_COMMON_H_
+
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cmath>
@@ -26,6 +29,31 @@ namespace greedy {
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+inline bool IsFile(const std::string& path) {
+  struct stat info;
+  return stat(path.c_str(), &info) == 0 && S_ISREG(info.st_mode);
+}
+
+inline bool IsDir(const std::string& path) {
+  struct stat info;
+  return stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode);
+}
+
+// The folder of a path ("." when it has none).
+inline std::string Parent(const std::string& path) {
+  size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+// The folder of this executable (from /proc/self/exe).
+inline std::string ExecutableDir() {
+  std::vector<char> buffer(4096);
+  ssize_t n = readlink("/proc/self/exe", buffer.data(), buffer.size() - 1);
+  if (n <= 0) return ".";
+  return Parent(std::string(buffer.data(), static_cast<size_t>(n)));
+}
 
 inline std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -19,8 +19,6 @@
 // Exit codes: 0 ok, 2 bad arguments, manifest or op library, 1 an ONNX Runtime error.
 
 #include <onnxruntime_cxx_api.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cstdint>
@@ -39,18 +37,8 @@ constexpr const char* kOpLibrary = "libham_ort_ops.so";
 constexpr const char* kOpLibraryEnv = "HAM_ORT_OPS_LIB";
 constexpr size_t kHead = 4;  // logits, scores, routed, overflow; then 6 state tensors a layer
 
-bool IsFile(const std::string& path) {
-  struct stat info;
-  return stat(path.c_str(), &info) == 0 && S_ISREG(info.st_mode);
-}
-
-std::string ExecutableDir() {
-  std::vector<char> buffer(4096);
-  ssize_t n = readlink("/proc/self/exe", buffer.data(), buffer.size() - 1);
-  if (n <= 0) return ".";
-  std::string path(buffer.data(), static_cast<size_t>(n));
-  return path.substr(0, path.find_last_of('/'));
-}
+using greedy::ExecutableDir;
+using greedy::IsFile;
 
 // The manifest's dtype names of ONNX element types.
 std::string TypeName(ONNXTensorElementDataType type) {

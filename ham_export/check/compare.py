@@ -63,6 +63,19 @@ class ThresholdResult:
         }
 
 
+def _layers(state: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """A flat state (:data:`STATE_FIELDS` per layer) as one dict per layer, on the CPU."""
+    n = len(STATE_FIELDS)
+    return [dict(zip(STATE_FIELDS, (x.cpu() for x in state[i: i + n]), strict=True)) for i in range(0, len(state), n)]
+
+
+def _entries(layer: dict[str, torch.Tensor], b: int, valid: int) -> dict[str, torch.Tensor]:
+    """Sequence ``b``'s first ``valid`` cache entries of a layer: the keys, values and scores that are compared (the
+    slots past the length are undefined by the ops' contract)."""
+    return {"k_cache": layer["k_cache"][b, :, :valid], "v_cache": layer["v_cache"][b, :, :valid],
+            "score_cache": layer["score_cache"][b, :valid]}
+
+
 class _Tracker:
     """Accumulates errors over the calls of one threshold, over the sequences still comparable."""
 
@@ -75,21 +88,17 @@ class _Tracker:
 
     def _caches_differ(self, ref_state: list[torch.Tensor], got_state: list[torch.Tensor]) -> torch.Tensor:
         """[B] bool: the sequences whose caches (length, valid keys, values and scores) differ, in any layer."""
-        n = len(STATE_FIELDS)
         batch = ref_state[STATE_FIELDS.index("length")].shape[0]
         differ = torch.zeros(batch, dtype=torch.bool)
-        for i in range(0, len(ref_state), n):
-            ref, got = (dict(zip(STATE_FIELDS, (x.cpu() for x in state[i: i + n]), strict=True))
-                        for state in (ref_state, got_state))
+        for ref, got in zip(_layers(ref_state), _layers(got_state), strict=True):
             for b in range(batch):
                 valid = int(ref["length"][b])
                 if int(got["length"][b]) != valid:
                     differ[b] = True
                     continue
-                for name, index in (("k_cache", (b, slice(None), slice(0, valid))),
-                                    ("v_cache", (b, slice(None), slice(0, valid))),
-                                    ("score_cache", (b, slice(0, valid)))):
-                    want, have = ref[name][index].double(), got[name][index].double()
+                for want, have in zip(_entries(ref, b, valid).values(), _entries(got, b, valid).values(),
+                                      strict=True):
+                    want, have = want.double(), have.double()
                     if have.shape != want.shape or not bool(((have - want).abs()
                                                              <= self.atol + self.rtol * want.abs()).all()):
                         differ[b] = True
@@ -169,11 +178,8 @@ class _Tracker:
         self._close(f"{call} logits", ref.logits[keep], got.logits[keep], True)
         self._close(f"{call} scores", ref.scores[:, keep], got.scores[:, keep], False)
         self.result.overflow_mismatches += int((ref.overflow[:, keep] != got.overflow[:, keep]).sum())
-        n = len(STATE_FIELDS)
-        for i in range(0, len(ref_state), n):
-            layer = dict(zip(STATE_FIELDS, ref_state[i: i + n], strict=True))
-            other = dict(zip(STATE_FIELDS, got_state[i: i + n], strict=True))
-            where = f"{call} layer {i // n}"
+        for i, (layer, other) in enumerate(zip(_layers(ref_state), _layers(got_state), strict=True)):
+            where = f"{call} layer {i}"
             lengths, got_lengths = layer["length"][keep], other["length"][keep]
             mismatched = int((lengths != got_lengths).sum())
             self.result.length_mismatches += mismatched
@@ -185,10 +191,9 @@ class _Tracker:
             self._close(f"{where} conv tail", layer["conv"][keep], other["conv"][keep], False)
             for b in keep.nonzero().flatten().tolist():
                 valid = int(layer["length"][b])
-                for name in ("k_cache", "v_cache"):
-                    self._close(f"{where} {name}", layer[name][b, :, :valid], other[name][b, :, :valid], False)
-                self._close(f"{where} score_cache", layer["score_cache"][b, :valid],
-                            other["score_cache"][b, :valid], False)
+                theirs = _entries(other, b, valid)
+                for name, mine in _entries(layer, b, valid).items():
+                    self._close(f"{where} {name}", mine, theirs[name], False)
 
 
 def compare(reference: Runner, candidate: Runner, prompts: torch.Tensor, thresholds: list[float | list[float]],

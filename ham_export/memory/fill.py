@@ -135,8 +135,17 @@ def measure_fill(model: HAMLM, docs: torch.Tensor, thresholds: Sequence[float | 
     ``runner``: an opened runner of the same model whose cache holds the whole window (:func:`fast_runner`): one
     prefill per batch of documents, its routes and logits instead of the eager model's (the same up to rounding:
     a score within rounding of a threshold may route otherwise)."""
-    if runner is not None:
-        return _measure_fill_with(runner, model, docs, thresholds, batch_size, progress)
+    if runner is None:
+        def prefill(inputs: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _eager_prefill(model, inputs, tau, chunk)
+    else:
+        if runner.capacity < docs.shape[1] - 1:
+            raise InputError(f"the fill runner's cache ({runner.capacity}) is shorter than the window "
+                             f"({docs.shape[1] - 1})")
+
+        def prefill(inputs: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = runner.prefill(inputs, tau.cpu())[0].cpu()
+            return out.logits.float(), out.routed.transpose(0, 1)
     was_training = model.training
     model.eval()
     runs = []
@@ -145,19 +154,9 @@ def measure_fill(model: HAMLM, docs: torch.Tensor, thresholds: Sequence[float | 
         counts, nll = [], 0.0
         for start in range(0, docs.shape[0], batch_size):
             batch = docs[start: start + batch_size]
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            state = model.init_state(batch.shape[0], min(chunk, inputs.shape[1]))
-            routed = []
-            for lo in range(0, inputs.shape[1], chunk):
-                piece = inputs[:, lo: lo + chunk]
-                need = int(max(int(s.length.max()) for s in state)) + piece.shape[1]
-                if need > state[0].k_cache.shape[2]:
-                    state = _grow(state, max(need, 2 * state[0].k_cache.shape[2]))
-                logits, state, routes = model.prefill(piece, state, tau, policy="error")
-                nll += float(F.cross_entropy(logits.flatten(0, 1), targets[:, lo: lo + chunk].flatten(),
-                                             reduction="sum"))
-                routed.append(torch.stack([r.routed for r in routes], dim=1))  # [B, L, chunk]
-            counts.append(torch.cat(routed, -1).to(torch.float64).cumsum(-1))
+            logits, routed = prefill(batch[:, :-1], tau)
+            nll += float(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+            counts.append(routed.to(torch.float64).cumsum(-1))
             if progress is not None:
                 progress(batch.shape[0])
         asked = [float(t) for t in tau.tolist()]
@@ -165,6 +164,23 @@ def measure_fill(model: HAMLM, docs: torch.Tensor, thresholds: Sequence[float | 
                             nll / (docs.shape[0] * (docs.shape[1] - 1)) / math.log(2)))
     model.train(was_training)
     return runs
+
+
+def _eager_prefill(model: HAMLM, inputs: torch.Tensor, tau: torch.Tensor, chunk: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager model's logits [B, W, V] and routes [B, L, W] over whole windows, ``chunk`` tokens at a time (see
+    :func:`measure_fill`)."""
+    state = model.init_state(inputs.shape[0], min(chunk, inputs.shape[1]))
+    logits, routed = [], []
+    for lo in range(0, inputs.shape[1], chunk):
+        piece = inputs[:, lo: lo + chunk]
+        need = int(max(int(s.length.max()) for s in state)) + piece.shape[1]
+        if need > state[0].k_cache.shape[2]:
+            state = _grow(state, max(need, 2 * state[0].k_cache.shape[2]))
+        out, state, routes = model.prefill(piece, state, tau, policy="error")
+        logits.append(out)
+        routed.append(torch.stack([r.routed for r in routes], dim=1))
+    return torch.cat(logits, 1), torch.cat(routed, -1)
 
 
 def _fit_power_law(counts: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,27 +300,3 @@ def policy_quality(model: HAMLM, docs: torch.Tensor, thresholds: float | list[fl
     fill = float(torch.stack([s.length for s in state]).double().mean()) / (capacity or inputs.shape[1])
     return {"bits_per_byte": nll / targets.numel() / math.log(2), "fill": fill,
             "overflow_fraction": overflow / routed if routed else 0.0}
-
-
-def _measure_fill_with(runner, model: HAMLM, docs: torch.Tensor, thresholds: Sequence[float | None],
-                       batch_size: int, progress: Callable[[int], None] | None) -> list[FillRun]:
-    """:func:`measure_fill` with a runner's prefill over whole windows."""
-    if runner.capacity < docs.shape[1] - 1:
-        raise InputError(f"the fill runner's cache ({runner.capacity}) is shorter than the window "
-                         f"({docs.shape[1] - 1})")
-    runs = []
-    for threshold in thresholds:
-        tau = model.thresholds(threshold).cpu()
-        counts, nll = [], 0.0
-        for start in range(0, docs.shape[0], batch_size):
-            batch = docs[start: start + batch_size]
-            out, _ = runner.prefill(batch[:, :-1], tau)
-            out = out.cpu()
-            nll += float(F.cross_entropy(out.logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
-            counts.append(out.routed.transpose(0, 1).to(torch.float64).cumsum(-1))  # [B, L, W]
-            if progress is not None:
-                progress(batch.shape[0])
-        asked = [float(t) for t in tau.tolist()]
-        runs.append(FillRun(asked if threshold is None else float(threshold), asked, torch.cat(counts),
-                            nll / (docs.shape[0] * (docs.shape[1] - 1)) / math.log(2)))
-    return runs

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from ham_export.backends import get
-from ham_export.core import checkpoint
 
-from .cpp_support import BUNDLED, CAPACITY, PROMPT_IDS, PROMPTS, ROOT, assert_tokens_match_eager, cmake_build, run
+from .cpp_support import CAPACITY, PROMPT_IDS, PROMPTS, ROOT, assert_tokens_match_eager, cmake_build, run
 
 SOURCE = ROOT / "examples" / "cpp" / "aoti"
 
@@ -24,11 +23,6 @@ def program(tmp_path_factory) -> Path:
     cmake_build(SOURCE, build)
     assert (build / "libham_torch_ops.so").is_file()  # next to the program, where it looks first
     return build / "aoti_greedy"
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    return checkpoint.load(BUNDLED).model
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 
 from ham_export.backends import get
-from ham_export.core import checkpoint
 from ham_export.memory import sizes
 from ham_export.ops.libraries import ORT
 
-from .cpp_support import BUNDLED, CAPACITY, PROMPT_IDS, PROMPTS, ROOT, assert_tokens_match_eager, cmake_build, run
+from .cpp_support import CAPACITY, PROMPT_IDS, PROMPTS, ROOT, assert_tokens_match_eager, cmake_build, run
 from .test_cpp_aoti import _resize
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'ham-export[onnx]')")
@@ -36,11 +35,6 @@ def program(tmp_path_factory) -> Path:
     build = tmp_path_factory.mktemp("ort-app")
     cmake_build(SOURCE, build)
     return build / "ort_greedy"
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    return checkpoint.load(BUNDLED).model
 
 
 @pytest.fixture(scope="module")

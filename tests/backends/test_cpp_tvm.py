@@ -11,9 +11,8 @@ pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'ham
 
 
 from ham_export.backends import get
-from ham_export.core import checkpoint
 
-from .cpp_support import BUNDLED, CAPACITY, PROMPT_IDS, PROMPTS, ROOT, assert_tokens_match_eager, cmake_build, run
+from .cpp_support import CAPACITY, PROMPT_IDS, PROMPTS, ROOT, assert_tokens_match_eager, cmake_build, run
 
 SOURCE = ROOT / "examples" / "cpp"
 
@@ -23,11 +22,6 @@ def program(tmp_path_factory) -> Path:
     build = tmp_path_factory.mktemp("cpp-build")
     cmake_build(SOURCE, build)
     return build / "tvm_greedy"
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    return checkpoint.load(BUNDLED).model
 
 
 @pytest.fixture(scope="module")
