@@ -17,6 +17,10 @@ Prefill: the median time of a ``prompt``-byte prompt per batch, as tokens per se
 
 Memory: the bytes of the state each configuration holds (caches at capacity), and the process's peak resident
 memory at the end (one process runs every configuration, so the peak is the largest's plus the runtime's).
+
+A checkpoint among the artifacts (``model.pt``, ``model.safetensors`` or a folder holding one and no manifest) runs
+as the eager model, the plain-PyTorch reference, with a cache for every token of the context: the baseline that
+the compiled backends' speed-ups are measured against.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-from .backends import Runner, load_runner
+from .backends import MANIFEST, Runner, load_runner
 from .backends.programs import describe
 from .errors import InputError
 
@@ -218,6 +223,36 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort_version}
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """A model checkpoint rather than an artifact: a ``.pt`` or ``.safetensors`` file, or a folder holding one and
+    no manifest."""
+    path = Path(path)
+    if path.is_dir():
+        return not (path / MANIFEST).exists() and any((path / n).is_file() for n in ("model.safetensors", "model.pt"))
+    return path.suffix in (".pt", ".safetensors")
+
+
+def open_runner(path: str, context: int) -> Runner:
+    """The opened runner of an artifact, or of a checkpoint: the eager model with a cache for ``context`` tokens, and a
+    manifest of backend ``eager`` describing it (nothing is written)."""
+    if not is_checkpoint(path):
+        return load_runner(path).open()
+    from .backends.artifact import manifest
+    from .backends.eager import EagerRunner
+    from .core import checkpoint
+
+    model = checkpoint.load(path).model
+    runner = EagerRunner(model, context, "evict")
+    runner.manifest = manifest("eager", model, context, "evict", runner.dtype, {}, path)
+    return runner
+
+
+def _synchronize() -> None:
+    """Wait for the GPU's queued work, so that a step's time is its own (a no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _thresholds(runner: Runner, fill: Fill) -> torch.Tensor:
     if fill.threshold is not None:
         return runner.check_thresholds(fill.threshold)
@@ -230,8 +265,10 @@ def bench(artifacts: Sequence[str], context: int, fills: Sequence[Fill], batches
     """Measure every artifact x fill x batch (decode) and every artifact x batch (prefill); see the module doc."""
     if iterations < repeats:
         raise InputError(f"--iterations ({iterations}) must be at least --repeats ({repeats})")
-    runners = [load_runner(a).open() for a in artifacts]
+    runners: list[Runner] = []
     try:
+        for artifact in artifacts:
+            runners.append(open_runner(artifact, context))
         bandwidth = read_bandwidth()
         configs = []
         for artifact, runner in zip(artifacts, runners, strict=True):
@@ -273,6 +310,7 @@ def bench(artifacts: Sequence[str], context: int, fills: Sequence[Fill], batches
                 for _ in range(steps):
                     start = time.perf_counter()
                     _, state = runner.step(token_of[row.batch], tau, state)
+                    _synchronize()
                     times.append(time.perf_counter() - start)
                     tick()
                 row.times += times
@@ -301,6 +339,7 @@ def bench(artifacts: Sequence[str], context: int, fills: Sequence[Fill], batches
                 for _ in range(max(3, repeats)):
                     start = time.perf_counter()
                     runner.prefill(tokens, tau)
+                    _synchronize()
                     row.times.append(time.perf_counter() - start)
                     tick()
                 row.median_ms = 1e3 * statistics.median(row.times)
@@ -315,10 +354,29 @@ def bench(artifacts: Sequence[str], context: int, fills: Sequence[Fill], batches
     return BenchReport(context, bandwidth, rows, prefill_rows, peak, machine())
 
 
+def markdown(report: BenchReport) -> str:
+    """The decode and prefill tables as Markdown (what the README's tables are pasted from)."""
+
+    def size(n: int) -> str:
+        return f"{n / (1 << 20):.2f} MiB" if n >= 1 << 20 else f"{n / 1024:.2f} KiB"
+
+    lines = ["| artifact | backend | fill | cached entries (mean of layers) | batch | median ms | p90 ms | p99 ms | "
+             "ratio | of floor | state held |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+             "---: | ---: |"]
+    for r in report.decode:
+        floor = "" if r.of_floor is None else f"{r.of_floor:.2f}x"
+        lines.append(f"| {r.artifact} | {r.backend} | {r.fill} | {r.entries:,} | {r.batch} | {r.median_ms:.3f} | "
+                     f"{r.p90_ms:.3f} | {r.p99_ms:.3f} | {r.ratio:.2f}x | {floor} | {size(r.state_bytes)} |")
+    lines += ["", "| artifact | backend | batch | prompt | median ms | tokens/s | ratio |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report.prefill:
+        lines.append(f"| {r.artifact} | {r.backend} | {r.batch} | {r.prompt} | {r.median_ms:.2f} | "
+                     f"{r.tokens_per_s:,.0f} | {r.ratio:.2f}x |")
+    return "\n".join(lines)
+
+
 def plot(report: BenchReport, path) -> None:
     """A PNG of each decode row's median step time (bar), its p90 (whisker) and its floor (marker)."""
-    from pathlib import Path
-
     from .memory.report import save_figure
 
     try:

@@ -152,16 +152,32 @@ def inspect(model: str, as_json: bool) -> None:
 
 @main.command("eval")
 @click.argument("model", type=click.Path(path_type=str))
+@click.option("--task", type=click.Choice(["text", "recall"]), default="text", show_default=True,
+              help="text: bits per byte of text; recall: exact-match accuracy on the synthetic associative-recall "
+                   "task (key-value records in text, then queries for their values).")
 @click.option("--data", type=click.Path(path_type=str), default=None,
-              help="Text file to score (default: the held-out pydoc topics the bundled models never saw).")
+              help="Text file to score, or the recall task's distractor text (default: the held-out pydoc topics "
+                   "the bundled models never saw).")
 @click.option("--threshold", "thresholds", type=float, multiple=True,
               help="A threshold for every layer; repeat for several. Default: the model's own, per layer.")
 @click.option("--window", type=click.IntRange(min=1), default=None,
               help="Bytes per evaluation window (default: the model's training context).")
+@click.option("--context", "contexts", type=click.IntRange(min=8), multiple=True,
+              help="recall: bytes per sequence; repeat for several (default: the task the model was trained on, "
+                   "else 512).")
+@click.option("--pairs", type=click.IntRange(min=1), default=None, help="recall: key-value records per sequence.")
+@click.option("--queries", type=click.IntRange(min=1), default=None, help="recall: queries per sequence.")
+@click.option("--gap", type=click.IntRange(min=0), default=None,
+              help="recall: the least bytes of text between the last record and the first query.")
+@click.option("--sequences", type=click.IntRange(min=1, max=100000), default=256, show_default=True,
+              help="recall: sequences scored (the same ones at every threshold).")
+@click.option("--seed", type=int, default=1234, show_default=True, help="recall: the sequences' seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_user_errors
-def eval_(model: str, data: str | None, thresholds: tuple[float, ...], window: int | None, as_json: bool) -> None:
-    """Held-out bits per byte and cached fraction per layer at each threshold."""
+def eval_(model: str, task: str, data: str | None, thresholds: tuple[float, ...], window: int | None,
+          contexts: tuple[int, ...], pairs: int | None, queries: int | None, gap: int | None, sequences: int,
+          seed: int, as_json: bool) -> None:
+    """Held-out bits per byte (or recall accuracy) and cached fraction per layer at each threshold."""
     from rich.progress import Progress
 
     from .core import checkpoint
@@ -170,6 +186,8 @@ def eval_(model: str, data: str | None, thresholds: tuple[float, ...], window: i
 
     _check_finite(thresholds)
     _at_most("--window", window, MAX_WINDOW)
+    for context in contexts:
+        _at_most("--context", context, MAX_WINDOW)
     ckpt = checkpoint.load(model)
     if data is None:
         corpus = pydoc_corpus()
@@ -183,11 +201,14 @@ def eval_(model: str, data: str | None, thresholds: tuple[float, ...], window: i
         text = read_text_file(data)
         source = data
     settings: list[float | None] = list(thresholds) or [None]
+    if task == "recall":
+        _eval_recall(ckpt, text, source, settings, contexts, pairs, queries, gap, sequences, seed, as_json)
+        return
     window = window or ckpt.config.context_length
     n_windows = -(-(len(text) - 1) // window)
     with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
-        task = bar.add_task("evaluating", total=n_windows * len(settings))
-        rows = evaluate(ckpt.model, text, settings, window, progress=lambda n: bar.advance(task, n))
+        progress = bar.add_task("evaluating", total=n_windows * len(settings))
+        rows = evaluate(ckpt.model, text, settings, window, progress=lambda n: bar.advance(progress, n))
     if as_json:
         _emit_json({"model": str(ckpt.path), "data": source, "window": window, "rows": [r.to_dict() for r in rows]})
         return
@@ -195,9 +216,52 @@ def eval_(model: str, data: str | None, thresholds: tuple[float, ...], window: i
     for column in ("threshold", "bits/byte", "KV fraction", "per layer"):
         table.add_column(column, justify="right")
     for row in rows:
-        label = (f"{row.threshold:g}" if isinstance(row.threshold, float)
-                 else "model: " + ", ".join(f"{t:.3f}" for t in row.threshold))
-        table.add_row(label, f"{row.bits_per_byte:.4f}", f"{row.kv_fraction:.3f}",
+        table.add_row(_threshold_label(row.threshold), f"{row.bits_per_byte:.4f}", f"{row.kv_fraction:.3f}",
+                      " ".join(f"{f:.2f}" for f in row.kv_fraction_per_layer))
+    out.print(table)
+
+
+def _threshold_label(threshold: float | list[float]) -> str:
+    return f"{threshold:g}" if isinstance(threshold, float) else "model: " + ", ".join(f"{t:.3f}" for t in threshold)
+
+
+def _eval_recall(ckpt, text: bytes, source: str, settings: list[float | None], contexts: tuple[int, ...],
+                 pairs: int | None, queries: int | None, gap: int | None, sequences: int, seed: int,
+                 as_json: bool) -> None:
+    """``eval --task recall``: the task the model was trained on (its metadata), with the options given replacing
+    its parameters; one row per context x threshold."""
+    import dataclasses
+
+    from rich.progress import Progress
+
+    from .train.recall import RecallTask, evaluate_recall
+
+    trained = ckpt.metadata.get("recall") if isinstance(ckpt.metadata.get("recall"), dict) else {}
+    fields = {f.name for f in dataclasses.fields(RecallTask)}
+    base = RecallTask(**{k: v for k, v in trained.items() if k in fields and isinstance(v, int)})
+    given = {k: v for k, v in (("pairs", pairs), ("queries", queries), ("gap", gap)) if v is not None}
+    tasks = [dataclasses.replace(base, **given, context=c) for c in (contexts or (base.context,))]
+    for t in tasks:
+        t.check()
+    rows = []
+    with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
+        progress = bar.add_task("evaluating", total=sequences * len(settings) * len(tasks))
+        for t in tasks:
+            rows += evaluate_recall(ckpt.model, t, text, settings, sequences, seed,
+                                    progress=lambda n: bar.advance(progress, n))
+    task = dataclasses.asdict(base) | given
+    del task["context"]
+    if as_json:
+        _emit_json({"model": str(ckpt.path), "data": source, "task": {"name": "recall", **task},
+                    "sequences": sequences, "seed": seed, "rows": [r.to_dict() for r in rows]})
+        return
+    table = Table(title=f"{ckpt.path}: recall of {task['queries']} values of {task['pairs']} records in "
+                        f"{source}, {sequences} sequences")
+    for column in ("context", "threshold", "accuracy", "byte accuracy", "KV fraction", "per layer"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(str(row.context), _threshold_label(row.threshold), f"{row.accuracy:.3f}",
+                      f"{row.byte_accuracy:.3f}", f"{row.kv_fraction:.3f}",
                       " ".join(f"{f:.2f}" for f in row.kv_fraction_per_layer))
     out.print(table)
 
@@ -498,10 +562,11 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
               help="Also write the report as JSON to this file ('-': stdout, instead of the tables).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Also draw the decode rows (median, p90, floor) into this PNG (needs matplotlib).")
+@click.option("--markdown", is_flag=True, help="Print the tables as Markdown.")
 @_user_errors
 def bench(artifacts: tuple[str, ...], context: int, fills: tuple[str, ...], batches: tuple[int, ...], prompt: int,
           warmup: int, iterations: int, repeats: int, model: str | None, json_file: str | None,
-          plot: str | None) -> None:
+          plot: str | None, markdown: bool) -> None:
     """Decode latency and prefill throughput of artifacts, against the first configuration of the same run."""
     from rich.progress import Progress
 
@@ -553,6 +618,13 @@ def bench(artifacts: tuple[str, ...], context: int, fills: tuple[str, ...], batc
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         tmp.write_text(text + "\n")
         os.replace(tmp, target)  # whole or not at all
+    if markdown:
+        from .bench import markdown as bench_markdown
+
+        click.echo(bench_markdown(report))
+        click.echo(f"\nread bandwidth {report.bandwidth_bytes_per_s / 1e9:.1f} GB/s; process peak "
+                   f"{format_size(report.peak_rss_bytes)}")
+        return
     table = Table(title=f"decode at context {context}: step time over {iterations} steps per row, {repeats} "
                         f"interleaved rounds; ratios against the first row")
     for column in ("artifact", "backend", "fill", "cached", "batch", "median ms", "p90", "p99", "spread",

@@ -10,7 +10,7 @@ import torch
 
 from ..core.model import HAMLM, RouteInfo
 from .base import Output, Runner
-from .programs import flatten_state
+from .programs import flatten_state, unflatten_state
 
 
 class EagerRunner(Runner):
@@ -64,6 +64,11 @@ class EagerRunner(Runner):
 
     def state_tensors(self, state):
         return [x.detach().cpu() for x in flatten_state(state)]
+
+    def state_from_tensors(self, tensors):
+        weight = self.model.embed.weight
+        return unflatten_state([t.to(weight.device, weight.dtype if t.is_floating_point() else t.dtype).contiguous()
+                                for t in tensors])
 
 
 def head(logits: torch.Tensor, routes: list[RouteInfo]) -> Output:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ham_export.backends import load_runner, registry
-from ham_export.bench import filled_state, own_fractions, parse_fill
+from ham_export.backends import registry
+from ham_export.bench import filled_state, open_runner, own_fractions, parse_fill
 from ham_export.cli import main
 from ham_export.core import checkpoint
 from ham_export.errors import InputError
@@ -59,8 +59,9 @@ def test_own_fill_is_known_without_text_where_the_thresholds_say_so():
         own_fractions(runner([0.5, 0.5]), None)
 
 
-def test_a_filled_state_decodes_from_its_length(world):
-    with load_runner(world["onnx"]) as runner:
+@pytest.mark.parametrize("artifact", ["onnx", "model"])
+def test_a_filled_state_decodes_from_its_length(world, artifact):
+    with open_runner(world[artifact], 64) as runner:
         state = filled_state(runner, 2, 20)
         _, state = runner.step(torch.tensor([101, 102]), -1.0, state)
         lengths = runner.state_tensors(state)[5::6]
@@ -102,6 +103,41 @@ def test_bench_own_fill_is_measured_with_the_checkpoint(world):
                        checkpoint.save_pt(other, world["root"] / "other.pt"), "--iterations", 1, "--repeats", 1,
                        "--prompt", 8)
     assert code == 2 and "other weights" in output, output
+
+
+def test_a_checkpoint_benches_as_the_eager_baseline(world):
+    """The eager model (a checkpoint among the artifacts) gets a cache for the whole context and is the ratios' base;
+    its state is prepared as an artifact's is."""
+    code, output = run("bench", world["model"], world["onnx"], "--context", 64, "--fill", -1, "--iterations", 2,
+                       "--repeats", 1, "--warmup", 1, "--prompt", 8, "--json", "-")
+    assert code == 0, output
+    report = json.loads(output)
+    eager, onnx = report["decode"]
+    assert (eager["backend"], eager["entries"], onnx["entries"]) == ("eager", 64, CAPACITY)
+    assert onnx["ratio"] == pytest.approx(onnx["median_ms"] / eager["median_ms"])
+    assert [r["backend"] for r in report["prefill"]] == ["eager", "onnxruntime"]
+    assert report["prefill"][1]["ratio"] == pytest.approx(report["prefill"][1]["tokens_per_s"]
+                                                          / report["prefill"][0]["tokens_per_s"])
+
+
+def test_bench_runs_the_triton_path(world):
+    """The GPU path goes through the same command (here on the CPU, under Triton's interpreter)."""
+    folder = registry()["triton"].build(checkpoint.load(world["model"]).model, world["root"] / "triton",
+                                        capacity=CAPACITY, policy="drop")
+    code, output = run("bench", folder, "--context", 16, "--fill", 0.5, "--iterations", 1, "--repeats", 1,
+                       "--warmup", 0, "--prompt", 4, "--json", "-")
+    assert code == 0, output
+    [row] = json.loads(output)["decode"]
+    assert (row["backend"], row["entries"]) == ("triton", 8) and row["median_ms"] > 0
+
+
+def test_bench_prints_markdown_tables(world):
+    code, output = run("bench", world["model"], world["onnx"], "--context", 32, "--fill", 3, "--iterations", 1,
+                       "--repeats", 1, "--warmup", 0, "--prompt", 4, "--markdown")
+    assert code == 0, output
+    rows = [line for line in output.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    assert rows[0].startswith("| artifact | backend | fill |") and "| prompt |" in rows[3]
+    assert len(rows) == 6 and "| eager | 3 | 0 | 1 |" in rows[1] and "| onnxruntime | 1 | 4 |" in rows[5]
 
 
 @pytest.mark.parametrize(("args", "phrase"), [
