@@ -26,6 +26,30 @@ from ..core.config import HAMConfig
 from ..core.model import HAMLM, cached_fraction
 from .evaluate import evaluate
 
+Sampler = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # (batch, gen) -> inputs, targets
+
+
+def text_sampler(data: bytes, seq_len: int) -> Sampler:
+    """Random windows of ``seq_len + 1`` bytes: predict every byte from the bytes before it."""
+    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
+
+    def sample(batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=gen)
+        batch = torch.stack([tokens[s: s + seq_len + 1] for s in starts.tolist()])
+        return batch[:, :-1], batch[:, 1:]
+
+    return sample
+
+
+def text_validation(data: bytes) -> Callable[[HAMLM], dict[str, Any]]:
+    """The figures logged at each evaluation of a text model: held-out bits per byte and cached fraction."""
+
+    def validate(model: HAMLM) -> dict[str, Any]:
+        row = evaluate(model, data)[0]
+        return {"val_bpb": round(row.bits_per_byte, 4), "val_kv_fraction": round(row.kv_fraction, 4)}
+
+    return validate
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -67,28 +91,31 @@ def _param_groups(model: HAMLM, weight_decay: float) -> list[dict[str, Any]]:
 
 def train(model_cfg: HAMConfig, train_cfg: TrainConfig, train_data: bytes, val_data: bytes,
           log: Callable[[dict[str, Any]], None] = lambda row: None,
-          progress: Callable[[int, dict[str, float]], None] | None = None) -> tuple[HAMLM, dict[str, Any]]:
+          progress: Callable[[int, dict[str, float]], None] | None = None, sampler: Sampler | None = None,
+          validate: Callable[[HAMLM], dict[str, Any]] | None = None) -> tuple[HAMLM, dict[str, Any]]:
     """Train a HAM model; returns the model (thresholds calibrated in its config) and the training metadata.
 
     ``log`` receives one dict per logged event (evaluations and the final summary); ``progress`` is called after
-    every step with the step number and its figures.
+    every step with the step number and its figures. By default the model learns to predict every byte of random
+    windows of ``train_data`` and is evaluated in bits per byte on ``val_data``; ``sampler`` gives other batches
+    (targets -100 are not scored: :mod:`.recall`) and ``validate`` other figures.
     """
+    sampler = sampler or text_sampler(train_data, train_cfg.seq_len)
+    validate = validate or text_validation(val_data)
     torch.manual_seed(train_cfg.seed)
     cfg = model_cfg.with_thresholds((train_cfg.tau_init,) * model_cfg.n_layers)
     model = HAMLM(cfg, seed=train_cfg.seed)
     model.train()
     optimizer = torch.optim.AdamW(_param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr,
                                   betas=(0.9, 0.95))
-    data = torch.frombuffer(bytearray(train_data), dtype=torch.uint8).to(torch.int64)
     gen = torch.Generator().manual_seed(train_cfg.seed)
     start_time = time.monotonic()
     for step in range(train_cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = train_cfg.lr_at(step)
-        starts = torch.randint(0, data.numel() - train_cfg.seq_len - 1, (train_cfg.batch_size,), generator=gen)
-        batch = torch.stack([data[s: s + train_cfg.seq_len + 1] for s in starts.tolist()])
-        logits, routes = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        inputs, targets = sampler(train_cfg.batch_size, gen)
+        logits, routes = model(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip))
@@ -104,10 +131,8 @@ def train(model_cfg: HAMConfig, train_cfg: TrainConfig, train_data: bytes, val_d
             progress(step + 1, figures)
         last = step + 1 == train_cfg.steps
         if (step + 1) % train_cfg.eval_every == 0 or last:
-            row = evaluate(model, val_data)[0]
             log({"step": step + 1, "elapsed_s": round(time.monotonic() - start_time, 1),
-                 "train_bpb": round(figures["bpb"], 4), "val_bpb": round(row.bits_per_byte, 4),
-                 "val_kv_fraction": round(row.kv_fraction, 4),
+                 "train_bpb": round(figures["bpb"], 4), **validate(model),
                  "thresholds": [round(t, 4) for t in model.cfg.thresholds]})
     model.eval()
     metadata = {

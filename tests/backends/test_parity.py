@@ -6,7 +6,8 @@ and for the bundled model: the comparator (:mod:`ham_export.check.compare`)
 runs a prefill and decode steps on both and compares logits, router scores, route decisions (exactly), GDN state,
 conv tails, cache lengths, overflow counts and every valid cache entry, at the model's own thresholds, at -1 (cache
 every token), at 3 (cache none), and at a threshold in a gap between the scores. No route may flip, near the
-threshold or far from it, and no eviction may be a near tie: every sequence is compared to the last step.
+threshold or far from it, and no eviction may be a near tie: every sequence is compared to the last step. The
+bundled recall model (whose cache decides its answers) runs on sequences of its task, with a cache they overflow.
 """
 
 from __future__ import annotations
@@ -117,6 +118,38 @@ def test_bundled_model_equals_eager(backend, options, file, bundled, bundled_gap
     assert [r.kv_fraction for r in results[1:3]] == [1.0, 0.0]
     assert 0.0 < results[0].kv_fraction < 1.0 and 0.0 < results[3].kv_fraction < 1.0
     assert max(r.max_abs_err for r in results) <= 1e-4
+
+
+RECALL_MODEL = Path(__file__).resolve().parents[2] / "examples" / "models" / "recall-ham.pt"
+RECALL_CAPACITY = 72  # the 96-byte sequences + the steps overflow it at tau = -1 (policy evict)
+
+
+@pytest.fixture(scope="module")
+def recall_case():
+    """The recall HAM model and four sequences of its task, 96 bytes each, ending in a query's key and separator."""
+    from ham_export.core import checkpoint
+    from ham_export.core.data import pydoc_corpus
+    from ham_export.train.recall import RecallTask, make_batch
+
+    model = checkpoint.load(RECALL_MODEL).model
+    task = RecallTask(context=97, pairs=6, queries=3, key_len=2, value_len=1)
+    batch = make_batch(task, pydoc_corpus().held_out, 4, torch.Generator().manual_seed(3))
+    return model, batch.tokens[:, :-1]  # the last value is what the first step answers
+
+
+@pytest.mark.parametrize(("backend", "options", "file"), BUNDLED)
+def test_recall_model_equals_eager(backend, options, file, recall_case, tmp_path):
+    requires(backend)
+    model, prompts = recall_case
+    artifact = build(backend, options, file, model, tmp_path, RECALL_CAPACITY, "evict", source=RECALL_MODEL)
+    with open_runner(artifact) as runner:
+        atol, rtol, margin = DEFAULT_TOLERANCE[runner.dtype]
+        settings = [list(model.cfg.thresholds), -1.0, 3.0]
+        results = compare(eager_runner_like(model, runner), runner, prompts, settings,
+                          BUNDLED_STEPS.get(backend, 16), atol, rtol, margin)
+    assert_parity(results, 3)
+    assert [r.kv_fraction for r in results[1:]] == [1.0, 0.0]
+    assert 0.0 < results[0].kv_fraction < 0.5  # the model's own small cache
 
 
 def test_token_ids_outside_the_vocabulary_poison_only_their_sequence(small_models, small_artifacts):
