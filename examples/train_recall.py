@@ -22,12 +22,11 @@ from pathlib import Path
 
 import click
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ham_export.core.config import HAMConfig
 from ham_export.core.data import pydoc_corpus
 from ham_export.train import recall
-from ham_export.train.train import TrainConfig, json_line, train, write_run
+from ham_export.train.train import TrainConfig, run_log, train, write_run
 
 STORE_TAU = {"all": -1.0, "none": 3.0}
 MODEL = HAMConfig(d_model=64, n_layers=2, n_heads=2, head_dim=32, head_dim_v=32, mlp_hidden=192, context_length=512)
@@ -74,32 +73,15 @@ def main(out: Path, store: str, f_target: float, tau_init: float, tau_warmup: in
         row = recall.evaluate_recall(model, longest, corpus.held_out, sequences=64)[0]
         return {"val_accuracy": round(row.accuracy, 4), "val_kv_fraction": round(row.kv_fraction, 4)}
 
-    log_path = out.with_suffix(".log.jsonl")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log_file, Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[figures]}")) as bar:
-        task = bar.add_task(f"training {out.name}", total=steps, figures="")
-
-        def log(row: dict) -> None:
-            log_file.write(json_line(row) + "\n")
-            log_file.flush()
-            bar.console.print(json_line(row))
-
-        def progress(step: int, figures: dict[str, float]) -> None:
-            bar.update(task, completed=step,
-                       figures=f"loss {figures['loss']:.3f}  kv {figures['kv_fraction']:.2f}")
-
+    with run_log(out, steps, "loss") as (log, progress):
         model, metadata = train(dataclasses.replace(MODEL, router=router), train_cfg, corpus.train,
                                 corpus.held_out, log=log, progress=progress,
                                 sampler=recall.sampler(training, corpus.train, STAGE_STEPS), validate=validate)
         metadata.update({"data": "recall task over pydoc_data.topics", "held_out_sha256": corpus.held_out_sha256,
                          "store": store, "recall": dataclasses.asdict(longest),
                          "curriculum": [dataclasses.asdict(t) for t in training]})
-        write_run(model, metadata, out)
-        log({"done": str(out), "train_seconds": metadata["train_seconds"],
-             "thresholds": list(model.cfg.thresholds)})
-    click.echo(json.dumps({"checkpoint": str(out), "train_seconds": metadata["train_seconds"]}))
+        summary = write_run(model, metadata, out, log)
+    click.echo(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import click
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ham_export.core.config import HAMConfig
 from ham_export.core.data import pydoc_corpus
-from ham_export.train.train import TrainConfig, json_line, train, write_run
+from ham_export.train.train import TrainConfig, run_log, train, write_run
 
 STORE_TAU = {"all": -1.0, "none": 3.0}
 
@@ -42,28 +41,11 @@ def main(out: Path, store: str, f_target: float, router: str, steps: int, seed: 
         train_cfg = TrainConfig(steps=steps, seed=seed, f_target=f_target)
     else:
         train_cfg = TrainConfig(steps=steps, seed=seed, f_target=None, tau_init=STORE_TAU[store])
-    log_path = out.with_suffix(".log.jsonl")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log_file, Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[figures]}")) as bar:
-        task = bar.add_task(f"training {out.name}", total=steps, figures="")
-
-        def log(row: dict) -> None:
-            log_file.write(json_line(row) + "\n")
-            log_file.flush()
-            bar.console.print(json_line(row))
-
-        def progress(step: int, figures: dict[str, float]) -> None:
-            bar.update(task, completed=step,
-                       figures=f"bpb {figures['bpb']:.3f}  kv {figures['kv_fraction']:.2f}")
-
+    with run_log(out, steps, "bpb") as (log, progress):
         model, metadata = train(model_cfg, train_cfg, corpus.train, corpus.held_out, log=log, progress=progress)
         metadata.update({"data": "pydoc_data.topics", "held_out_sha256": corpus.held_out_sha256, "store": store})
-        write_run(model, metadata, out)
-        log({"done": str(out), "train_seconds": metadata["train_seconds"],
-             "thresholds": list(model.cfg.thresholds)})
-    click.echo(json.dumps({"checkpoint": str(out), "train_seconds": metadata["train_seconds"]}))
+        summary = write_run(model, metadata, out, log)
+    click.echo(json.dumps(summary))
 
 
 if __name__ == "__main__":

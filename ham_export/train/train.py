@@ -13,7 +13,8 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,11 +146,42 @@ def train(model_cfg: HAMConfig, train_cfg: TrainConfig, train_data: bytes, val_d
     return model, metadata
 
 
-def write_run(model: HAMLM, metadata: dict[str, Any], out: Path) -> None:
-    """Save a trained model as ``out`` (.pt) and as ``<stem>.safetensors/`` beside it."""
+def write_run(model: HAMLM, metadata: dict[str, Any], out: Path,
+              log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Save a trained model as ``out`` (.pt) and as ``<stem>.safetensors/`` beside it, log the run's last row (where
+    it went, its time and thresholds) and return the summary a training script prints."""
     checkpoint.save_pt(model, out, metadata)
     checkpoint.save_safetensors(model, out.with_suffix(""), metadata)
+    if log is not None:
+        log({"done": str(out), "train_seconds": metadata["train_seconds"], "thresholds": list(model.cfg.thresholds)})
+    return {"checkpoint": str(out), "train_seconds": metadata["train_seconds"]}
 
 
 def json_line(row: dict[str, Any]) -> str:
     return json.dumps(row, sort_keys=True)
+
+
+@contextmanager
+def run_log(out: Path, steps: int, figure: str) -> Iterator[tuple[Callable[[dict[str, Any]], None],
+                                                              Callable[[int, dict[str, float]], None]]]:
+    """A training script's console and log: yields ``log`` (a row to ``<out>.log.jsonl`` and the console) and
+    ``progress`` (for :func:`train`: a bar showing ``figure`` and the cached fraction)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    log_path = out.with_suffix(".log.jsonl")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log_file, Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[figures]}")) as bar:
+        task = bar.add_task(f"training {out.name}", total=steps, figures="")
+
+        def log(row: dict[str, Any]) -> None:
+            log_file.write(json_line(row) + "\n")
+            log_file.flush()
+            bar.console.print(json_line(row))
+
+        def progress(step: int, figures: dict[str, float]) -> None:
+            bar.update(task, completed=step,
+                       figures=f"{figure} {figures[figure]:.3f}  kv {figures['kv_fraction']:.2f}")
+
+        yield log, progress

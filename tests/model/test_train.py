@@ -51,3 +51,16 @@ def test_trained_metadata_round_trips_through_a_safe_checkpoint(tmp_path):
     model, meta, _ = short_run(steps=2)
     loaded = checkpoint.load(checkpoint.save_pt(model, tmp_path / "m.pt", meta))
     assert loaded.metadata == meta and loaded.config == model.cfg
+
+
+def test_run_log_writes_each_row_to_the_log_as_json(tmp_path):
+    import json
+
+    from ham_export.train.train import run_log
+
+    with run_log(tmp_path / "runs" / "m.pt", 2, "loss") as (log, progress):
+        progress(1, {"loss": 2.5, "kv_fraction": 0.5})
+        log({"step": 1, "val_bpb": 2.0})
+        log({"done": "m.pt"})
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "m.log.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "val_bpb": 2.0}, {"done": "m.pt"}]
