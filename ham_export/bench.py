@@ -37,7 +37,10 @@ import torch
 
 from .backends import MANIFEST, Runner, load_runner
 from .backends.programs import describe
+from .core.config import HAMConfig
+from .core.model import HAMLM
 from .errors import InputError
+from .memory import sizes as mem
 
 NO_CACHE = 3.0  # a threshold above every score: nothing is cached (the pure-GDN step)
 EVERY_TOKEN = -1.0  # below every score: every token is cached (the dense cost)
@@ -151,8 +154,11 @@ class DecodeRow:
     entries_per_layer: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list, repr=False)  # seconds per step
     round_medians: list[float] = field(default_factory=list, repr=False)
+    threshold: float | list[float] | None = None  # the decode steps' threshold(s): the fill's, or the artifact's own
     state_bytes: int = 0
     read_bytes: int = 0  # keys and values the attention reads per step
+    kv_bytes: int = 0  # the caches' buffers (keys, values, scores at capacity), from the memory model
+    total_bytes: int = 0  # weights + state + caches + one step's workspace, from the memory model
     median_ms: float = 0.0
     p90_ms: float = 0.0
     p99_ms: float = 0.0
@@ -204,8 +210,18 @@ class BenchReport:
     peak_rss_bytes: int
     machine: dict
 
+    def rows(self) -> list[dict]:
+        """One flat row per decode configuration, with the prefill throughput of its artifact and batch (the keys of
+        ``--json``'s ``rows``)."""
+        prefill = {(r.artifact, r.batch): r.tokens_per_s for r in self.prefill}
+        return [{"artifact": r.artifact, "backend": r.backend, "fill": r.fill, "threshold": r.threshold,
+                 "kv_fraction": r.fraction, "context": r.context, "batch": r.batch, "decode_ms_p50": r.median_ms,
+                 "decode_ms_p90": r.p90_ms, "decode_ms_p99": r.p99_ms, "ratio": r.ratio, "of_floor": r.of_floor,
+                 "prefill_tokens_per_s": prefill.get((r.artifact, r.batch)), "kv_bytes": r.kv_bytes,
+                 "total_bytes": r.total_bytes} for r in self.decode]
+
     def to_dict(self) -> dict:
-        return {"context": self.context, "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
+        return {"context": self.context, "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s, "rows": self.rows(),
                 "decode": [r.to_dict() for r in self.decode], "prefill": [r.to_dict() for r in self.prefill],
                 "peak_rss_bytes": self.peak_rss_bytes, "machine": self.machine}
 
@@ -247,6 +263,12 @@ def open_runner(path: str, context: int) -> Runner:
     return runner
 
 
+def parameters(cfg: HAMConfig) -> int:
+    """The parameter count of a model of ``cfg`` (built on the meta device: no memory, no weights)."""
+    with torch.device("meta"):
+        return HAMLM(cfg).num_parameters()
+
+
 def _synchronize() -> None:
     """Wait for the GPU's queued work, so that a step's time is its own (a no-op without CUDA)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -282,6 +304,10 @@ def bench(artifacts: Sequence[str], context: int, fills: Sequence[Fill], batches
                                     round(sum(entries) / len(entries)), batch, context, entries)
                     state = filled_state(runner, batch, entries)
                     row.state_bytes = sum(t.numel() * t.element_size() for t in runner.state_tensors(state))
+                    memory = mem.estimate(cfg, parameters(cfg), batch, runner.capacity, runner.dtype)
+                    row.kv_bytes, row.total_bytes = memory.kv_bytes, memory.total_bytes
+                    row.threshold = (float(fill.threshold) if fill.threshold is not None
+                                     else list(runner.manifest.thresholds))
                     row.read_bytes = (batch * cfg.n_heads * sum(entries) * (cfg.head_dim + cfg.head_dim_v)
                                       * (2 if runner.dtype == "fp16" else 4))
                     row.command = (f"ham-export bench {artifact} --context {context} --fill {fill.label} --batch "

@@ -88,6 +88,24 @@ def test_bench_rows_ratios_floors_and_json(world):
     assert len(report["prefill"]) == 2 and report["prefill"][0]["ratio"] == 1.0
     assert report["bandwidth_bytes_per_s"] > 1e8 and report["peak_rss_bytes"] > 0
     assert "ham-export bench" in output and "decode at context 64" in output
+    # the flat rows: one per decode row, the issue's keys, figures taken from the same rows
+    flat = report["rows"]
+    assert len(flat) == len(rows)
+    for row, decode in zip(flat, rows, strict=True):
+        assert {"backend", "threshold", "kv_fraction", "context", "batch", "decode_ms_p50", "decode_ms_p90",
+                "decode_ms_p99", "prefill_tokens_per_s", "kv_bytes", "total_bytes"} <= set(row)
+        assert (row["decode_ms_p50"], row["decode_ms_p90"], row["decode_ms_p99"]) == (
+            decode["median_ms"], decode["p90_ms"], decode["p99_ms"])
+        assert row["ratio"] == pytest.approx(row["decode_ms_p50"] / flat[0]["decode_ms_p50"])
+        assert (row["context"], row["batch"], row["kv_fraction"]) == (64, 1, decode["fraction"])
+        prefill = next(r for r in report["prefill"] if r["artifact"] == row["artifact"])
+        assert row["prefill_tokens_per_s"] == prefill["tokens_per_s"]
+        # the caches at capacity: both layers' keys, values and scores; the total adds weights, state, workspace
+        cfg = make_small_model().cfg
+        assert row["kv_bytes"] == cfg.n_layers * CAPACITY * (cfg.n_heads * (cfg.head_dim + cfg.head_dim_v) + 1) * 4
+        assert row["total_bytes"] > row["kv_bytes"] + 4 * make_small_model().num_parameters()
+    assert [r["threshold"] for r in flat[:3]] == [-1.0, list(checkpoint.load(world["model"]).config.thresholds),
+                                                   3.0]
 
 
 def test_bench_own_fill_is_measured_with_the_checkpoint(world):
