@@ -234,11 +234,9 @@ def _eval_recall(ckpt, text: bytes, source: str, settings: list[float | None], c
 
     from rich.progress import Progress
 
-    from .train.recall import RecallTask, evaluate_recall
+    from .train.recall import evaluate_recall, trained_task
 
-    trained = ckpt.metadata.get("recall") if isinstance(ckpt.metadata.get("recall"), dict) else {}
-    fields = {f.name for f in dataclasses.fields(RecallTask)}
-    base = RecallTask(**{k: v for k, v in trained.items() if k in fields and isinstance(v, int)})
+    base = trained_task(ckpt.metadata)
     given = {k: v for k, v in (("pairs", pairs), ("queries", queries), ("gap", gap)) if v is not None}
     tasks = [dataclasses.replace(base, **given, context=c) for c in (contexts or (base.context,))]
     for t in tasks:
@@ -417,15 +415,20 @@ def check(model: str, artifact: str, prompts: str | None, steps: int, thresholds
 @click.option("--window", type=click.IntRange(min=16), default=2048, show_default=True,
               help="Bytes per document for the measured fill (capped at --context; longer is more accurate and "
                    "slower: 8192 x 5 documents takes ~20 s per threshold on 2 CPU cores).")
-@click.option("--docs", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Documents (windows spread over the data) to measure on.")
+@click.option("--docs", type=click.IntRange(min=1), default=None,
+              help="Documents (windows spread over the data, or recall sequences) to measure on [default: 4; 16 "
+                   "with --task recall].")
+@click.option("--task", type=click.Choice(["text", "recall"]), default="text", show_default=True,
+              help="text: the fill and bits per byte of the data; recall: of sequences of the associative-recall task "
+                   "the model was trained on (the data as distractor), quality = exact-match accuracy, and the "
+                   "budget's choice is the most accurate threshold that fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Write a PNG of memory and quality against threshold (needs matplotlib).")
 @_user_errors
 def memory(model: str, artifact: str | None, context: int, batch: int, dtype: str | None,
-           thresholds_text: str | None, sweep: bool, data: str | None, budget: str | None, window: int, docs: int,
-           as_json: bool, plot: str | None) -> None:
+           thresholds_text: str | None, sweep: bool, data: str | None, budget: str | None, window: int,
+           docs: int | None, task: str, as_json: bool, plot: str | None) -> None:
     """Memory per threshold at a context and batch: measured cache fill, bytes, quality; the choice for a budget."""
     from rich.progress import Progress
 
@@ -454,11 +457,18 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
         dtype = manifest.dtype
     dtype = dtype or "fp32"
     text, source = (read_text_file(data), data) if data else (pydoc_corpus().held_out, "held-out pydoc topics")
+    recall = None
+    if task == "recall":
+        from .train.recall import trained_task
+
+        recall = trained_task(ckpt.metadata)
+        source = f"recall sequences in {source}"
+    docs = docs or (16 if recall else 4)
     with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
-        task = bar.add_task("measuring fill", total=min(docs, max(1, (len(text) - 1) // min(window, context)))
-                            * (len(thresholds) + 1))
+        available = docs if recall else min(docs, max(1, (len(text) - 1) // min(window, context)))
+        bar_task = bar.add_task("measuring fill", total=available * (len(thresholds) + 1))
         report = memory_report(ckpt.model, text, context, batch, dtype, thresholds, budget_bytes, window, docs,
-                               str(ckpt.path), source, progress=lambda n: bar.advance(task, n))
+                               str(ckpt.path), source, progress=lambda n: bar.advance(bar_task, n), task=recall)
     if artifact is not None and manifest.backend == "tensorrt":
         from .memory.engine import tensorrt_memory
 
@@ -481,7 +491,7 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
     table = Table(title=f"{ckpt.path}: memory at context {context:,}, batch {batch}, {dtype} (fill measured on "
                         f"{source}, {report.documents} documents of {report.window} bytes)")
     for column in ("threshold", "KV fraction", "p10-p90", "capacity", "KV bytes", "fixed state", "weights",
-                   "workspace", "total", "bits/byte", "vs own", "fits"):
+                   "workspace", "total", "bits/byte", "vs own", *(("recall",) if recall else ()), "fits"):
         table.add_column(column, justify="right")
     for row in [*report.rows, report.own]:
         spread = row.fill.spread()
@@ -490,6 +500,7 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
                       format_size(row.memory.state_bytes), format_size(row.memory.weights_bytes),
                       format_size(row.memory.workspace_bytes), format_size(row.memory.total_bytes),
                       f"{row.bits_per_byte:.4f}", f"{row.delta_bits_per_byte:+.4f}",
+                      *((f"{row.recall_accuracy:.3f}",) if recall else ()),
                       "" if row.fits is None else ("[green]yes[/]" if row.fits else "[red]no[/]"))
     out.print(table)
     check = report.extrapolation_check
@@ -500,14 +511,21 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
     if report.budget is not None:
         choice = report.budget
         if choice.best is not None:
+            quality = (f"{choice.best.recall_accuracy:.3f} recall accuracy" if recall
+                       else f"{choice.best.bits_per_byte:.4f} bits/byte")
             out.print(f"budget {format_size(choice.budget)}: {len(choice.fitting)} threshold(s) fit; best quality "
-                      f"at tau={choice.best.label} ({choice.best.bits_per_byte:.4f} bits/byte): build with "
+                      f"at tau={choice.best.label} ({quality}): build with "
                       f"--max-cache {choice.best.memory.capacity} (margin {format_size(choice.margin)})")
         else:
             out.print(f"[red]budget {format_size(choice.budget)}: no threshold fits[/]; a fixed cache of "
                       f"{choice.safe_capacity} entries with --policy evict does")
         comparison = report.policy_comparison or {}
-        if "evict_cost_bits_per_byte" in comparison:
+        if recall and comparison:
+            line = ", ".join(f"{k} {comparison[k]['recall_accuracy']:.3f}" for k in ("threshold", "evict", "drop")
+                             if k in comparison)
+            out.print(f"recall accuracy at the same memory: {line} (threshold: the choice, a cache that grows; "
+                      f"evict, drop: own thresholds, capacity {comparison['capacity_in_window']} in the window)")
+        elif "evict_cost_bits_per_byte" in comparison:
             out.print(f"budget-safe alternative: own thresholds + evict at the same memory: "
                       f"{comparison['evict']['bits_per_byte']:.4f} bits/byte "
                       f"({comparison['evict_cost_bits_per_byte']:+.4f} vs the threshold; drop: "

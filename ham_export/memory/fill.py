@@ -62,6 +62,7 @@ class FillRun:
     thresholds: list[float]
     counts: torch.Tensor
     bits_per_byte: float
+    recall_accuracy: float | None = None  # documents of the recall task: exact-match accuracy on their values
 
     @property
     def window(self) -> int:
@@ -70,6 +71,37 @@ class FillRun:
     def fraction_per_layer(self) -> list[float]:
         """Cached fraction over the whole window, per layer (mean over documents)."""
         return (self.counts[..., -1] / self.window).mean(0).tolist()
+
+
+@dataclass(frozen=True)
+class Answers:
+    """What recall documents ask: ``targets`` [D, W] the byte to predict at each position (``IGNORE`` where nothing
+    is asked), in values of ``value_len`` consecutive positions."""
+
+    targets: torch.Tensor
+    value_len: int
+
+    def accuracy(self, predictions: torch.Tensor) -> float:
+        """Exact-match accuracy of ``predictions`` [D, W] (argmax bytes): a value is right when all its bytes are."""
+        from ..train.recall import IGNORE
+
+        asked = self.targets != IGNORE
+        hit = (predictions == self.targets)[asked].view(-1, self.value_len).all(dim=1)
+        return float(hit.double().mean()) if hit.numel() else 0.0
+
+
+def recall_documents(task, text: bytes, window: int, count: int, seed: int = 1234
+                     ) -> tuple[torch.Tensor, Answers]:
+    """``count`` sequences of the recall task ``task`` (:class:`~ham_export.train.recall.RecallTask`) of ``window``
+    bytes, drawn from ``seed`` with ``text`` as distractor, as documents [D, window + 1] (inputs and next bytes) and
+    the answers they ask."""
+    import dataclasses
+
+    from ..train.recall import clean_text, make_batch
+
+    full = dataclasses.replace(task, context=window + 1)
+    batch = make_batch(full, clean_text(text), count, torch.Generator().manual_seed(seed))
+    return batch.tokens, Answers(batch.targets[:, :-1], task.value_len)
 
 
 def _grow(state: list[LayerState], capacity: int) -> list[LayerState]:
@@ -125,7 +157,8 @@ def fast_runner(model: HAMLM, window: int):
 
 @torch.no_grad()
 def measure_fill(model: HAMLM, docs: torch.Tensor, thresholds: Sequence[float | None], batch_size: int = 8,
-                 progress: Callable[[int], None] | None = None, chunk: int = CHUNK, runner=None) -> list[FillRun]:
+                 progress: Callable[[int], None] | None = None, chunk: int = CHUNK, runner=None,
+                 answers: Answers | None = None) -> list[FillRun]:
     """Run the prefill form over ``docs`` [D, W + 1] at each threshold (None: the model's own), ``chunk`` tokens
     at a time with an explicit state, so that memory is O(W * cached) rather than the parallel form's O(W^2).
 
@@ -134,7 +167,9 @@ def measure_fill(model: HAMLM, docs: torch.Tensor, thresholds: Sequence[float | 
 
     ``runner``: an opened runner of the same model whose cache holds the whole window (:func:`fast_runner`): one
     prefill per batch of documents, its routes and logits instead of the eager model's (the same up to rounding:
-    a score within rounding of a threshold may route otherwise)."""
+    a score within rounding of a threshold may route otherwise).
+
+    ``answers``: the documents are recall sequences; each run also gives the exact-match accuracy on their values."""
     if runner is None:
         def prefill(inputs: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return _eager_prefill(model, inputs, tau, chunk)
@@ -151,17 +186,19 @@ def measure_fill(model: HAMLM, docs: torch.Tensor, thresholds: Sequence[float | 
     runs = []
     for threshold in thresholds:
         tau = model.thresholds(threshold)
-        counts, nll = [], 0.0
+        counts, predictions, nll = [], [], 0.0
         for start in range(0, docs.shape[0], batch_size):
             batch = docs[start: start + batch_size]
             logits, routed = prefill(batch[:, :-1], tau)
             nll += float(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
             counts.append(routed.to(torch.float64).cumsum(-1))
+            predictions.append(logits.argmax(-1))
             if progress is not None:
                 progress(batch.shape[0])
         asked = [float(t) for t in tau.tolist()]
         runs.append(FillRun(asked if threshold is None else float(threshold), asked, torch.cat(counts),
-                            nll / (docs.shape[0] * (docs.shape[1] - 1)) / math.log(2)))
+                            nll / (docs.shape[0] * (docs.shape[1] - 1)) / math.log(2),
+                            None if answers is None else answers.accuracy(torch.cat(predictions))))
     model.train(was_training)
     return runs
 
@@ -272,20 +309,20 @@ POLICY_CHUNK = 64  # tokens per prefill call in policy_quality: a chunk's own ro
 
 @torch.no_grad()
 def policy_quality(model: HAMLM, docs: torch.Tensor, thresholds: float | list[float] | None, capacity: int | None,
-                   policy: str, chunk: int = POLICY_CHUNK) -> dict[str, float]:
+                   policy: str, chunk: int = POLICY_CHUNK, answers: Answers | None = None) -> dict[str, float]:
     """Bits per byte of ``docs`` [D, W + 1] prefilled ``chunk`` tokens at a time with a cache of ``capacity``
     entries under ``policy`` (``drop``, ``evict``); ``capacity`` None: a cache that grows, nothing overflows.
 
     Within a chunk, attention sees the cache plus the chunk's routed tokens, so up to ``chunk`` tokens beyond the
     capacity (``chunk=1`` is a token-by-token decode). Returns bits_per_byte, the mean fill of the cache at the
     end (fraction of ``capacity``, or of the window when it grows) and the fraction of routed tokens that
-    overflowed."""
+    overflowed; with ``answers`` (recall documents) also recall_accuracy."""
     was_training = model.training
     model.eval()
     tau = model.thresholds(thresholds)
     inputs, targets = docs[:, :-1], docs[:, 1:]
     state = model.init_state(docs.shape[0], capacity if capacity is not None else chunk)
-    nll, routed, overflow = 0.0, 0.0, 0.0
+    nll, routed, overflow, predictions = 0.0, 0.0, 0.0, []
     for lo in range(0, inputs.shape[1], chunk):
         piece = inputs[:, lo: lo + chunk]
         if capacity is None:
@@ -294,9 +331,13 @@ def policy_quality(model: HAMLM, docs: torch.Tensor, thresholds: float | list[fl
                 state = _grow(state, max(need, 2 * state[0].k_cache.shape[2]))
         logits, state, routes = model.prefill(piece, state, tau, "error" if capacity is None else policy)
         nll += float(F.cross_entropy(logits.flatten(0, 1), targets[:, lo: lo + chunk].flatten(), reduction="sum"))
+        predictions.append(logits.argmax(-1))
         routed += sum(float(r.routed.sum()) for r in routes)
         overflow += sum(float(r.overflow.sum()) for r in routes)
     model.train(was_training)
     fill = float(torch.stack([s.length for s in state]).double().mean()) / (capacity or inputs.shape[1])
-    return {"bits_per_byte": nll / targets.numel() / math.log(2), "fill": fill,
-            "overflow_fraction": overflow / routed if routed else 0.0}
+    result = {"bits_per_byte": nll / targets.numel() / math.log(2), "fill": fill,
+              "overflow_fraction": overflow / routed if routed else 0.0}
+    if answers is not None:
+        result["recall_accuracy"] = answers.accuracy(torch.cat(predictions, 1))
+    return result

@@ -5,6 +5,7 @@ quality cost of a budget-safe cache (fixed capacity, ``evict`` policy) against t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class MemoryRow:
     bits_per_byte: float
     delta_bits_per_byte: float
     fits: bool | None = None
+    recall_accuracy: float | None = None  # on the recall task's documents (``memory --task recall``)
 
     @property
     def label(self) -> str:
@@ -60,6 +62,7 @@ class MemoryRow:
             "total_bytes": m.total_bytes,
             "bits_per_byte": self.bits_per_byte,
             "delta_bits_per_byte": self.delta_bits_per_byte,
+            "recall_accuracy": self.recall_accuracy,
             "fits": self.fits,
             "per_layer": [layer.to_dict() for layer in m.per_layer],
         }
@@ -106,6 +109,7 @@ class MemoryReport:
     engine: dict[str, Any] | None = None  # a TensorRT artifact's device memory (ham_export.memory.engine)
     backends: dict[str, str] = field(default_factory=dict)
     fill_runner: str = "eager"  # what ran the fill measurement: eager PyTorch, or ONNX Runtime (fill.fast_runner)
+    task: dict[str, Any] | None = None  # the recall task the documents are, or None: text
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -113,6 +117,7 @@ class MemoryReport:
             "dtype": self.dtype, "window": self.window, "documents": self.documents,
             "extrapolation": EXTRAPOLATION, "extrapolation_check": self.extrapolation_check,
             "model_thresholds": self.own.threshold, "model_bits_per_byte": self.own.bits_per_byte,
+            "task": self.task or {"name": "text"},
             "rows": [row.to_dict() for row in self.rows],
             "budget": None if self.budget is None else self.budget.to_dict(),
             "policy_comparison": self.policy_comparison,
@@ -142,9 +147,14 @@ def parse_thresholds(text: str) -> list[float]:
 def memory_report(model: HAMLM, data: bytes, context: int, batch: int = 1, dtype: str = "fp32",
                   thresholds: Sequence[float] = SWEEP, budget: int | None = None, window: int = DEFAULT_WINDOW,
                   max_docs: int = DEFAULT_DOCS, model_name: str = "", data_name: str = "",
-                  progress: Callable[[int], None] | None = None, fast: bool = True) -> MemoryReport:
+                  progress: Callable[[int], None] | None = None, fast: bool = True, task=None,
+                  seed: int = 1234) -> MemoryReport:
     """Measure the fill and quality at each threshold (and the model's own), model the memory at ``context``, and
-    choose against ``budget``. ``progress`` is called with the documents done."""
+    choose against ``budget``. ``progress`` is called with the documents done.
+
+    ``task``: a :class:`~ham_export.train.recall.RecallTask`: the documents are ``max_docs`` sequences of that task
+    of ``window`` bytes (from ``seed``, ``data`` the distractor text), quality is recall accuracy, and the budget's
+    choice is the most accurate threshold that fits (else: the lowest bits per byte on text)."""
     if context < 1 or batch < 1:
         raise InputError(f"need context >= 1 and batch >= 1, got context={context}, batch={batch}")
     if dtype not in mem.DTYPES:
@@ -160,10 +170,14 @@ def memory_report(model: HAMLM, data: bytes, context: int, batch: int = 1, dtype
                 f"{format_size(floor)}: weights {format_size(fixed.weights_bytes)} + fixed state "
                 f"{format_size(fixed.state_bytes)} for batch {batch} in {dtype} + the cache and workspace; "
                 f"no threshold or capacity can fit it")
-    docs = fl.documents(data, window, max_docs)
+    answers = None
+    if task is None:
+        docs = fl.documents(data, window, max_docs)
+    else:
+        docs, answers = fl.recall_documents(task, data, window, max_docs, seed)
     runner = fl.fast_runner(model, docs.shape[1] - 1) if fast else None
     try:
-        runs = fl.measure_fill(model, docs, [None, *thresholds], progress=progress, runner=runner)
+        runs = fl.measure_fill(model, docs, [None, *thresholds], progress=progress, runner=runner, answers=answers)
     finally:
         if runner is not None:
             runner.close()
@@ -173,22 +187,27 @@ def memory_report(model: HAMLM, data: bytes, context: int, batch: int = 1, dtype
         prediction = fl.predict_fill(run, context)
         memory = mem.estimate(cfg, n_params, batch, prediction.capacity, dtype, prediction.expected_per_layer)
         return MemoryRow(run.threshold, prediction, run.fraction_per_layer(), memory, run.bits_per_byte,
-                         run.bits_per_byte - own_bpb)
+                         run.bits_per_byte - own_bpb, recall_accuracy=run.recall_accuracy)
 
     rows = [row(run) for run in runs[1:]]
     report = MemoryReport(model_name, data_name, context, batch, dtype, docs.shape[1] - 1, docs.shape[0], rows,
                           row(runs[0]), fl.extrapolation_check(runs[0].counts), backends=backend_notes(),
-                          fill_runner="eager" if runner is None else "onnxruntime (custom ops)")
+                          fill_runner="eager" if runner is None else "onnxruntime (custom ops)",
+                          task=None if task is None else {"name": "recall", **dataclasses.asdict(task),
+                                                          "context": docs.shape[1] - 1, "seed": seed})
     if budget is not None:
         for r in [*rows, report.own]:
             r.fits = r.memory.total_bytes <= budget
         fitting = [r for r in rows if r.fits]
-        best = min(fitting, key=lambda r: r.bits_per_byte) if fitting else None
+        if task is None:
+            best = min(fitting, key=lambda r: r.bits_per_byte) if fitting else None
+        else:  # the most accurate; among equals, the least memory
+            best = max(fitting, key=lambda r: (r.recall_accuracy, -r.memory.total_bytes)) if fitting else None
         safe = mem.largest_capacity(cfg, n_params, batch, dtype, budget, context)
         report.budget = BudgetChoice(budget, [r.threshold for r in fitting], best, safe)
         capacity = best.memory.capacity if best else safe
         report.policy_comparison = compare_policies(model, docs, context, capacity,
-                                                    best.threshold if best else None)
+                                                    best.threshold if best else None, answers)
     return report
 
 
@@ -204,28 +223,33 @@ def backend_notes() -> dict[str, str]:
 
 
 def compare_policies(model: HAMLM, docs, context: int, capacity: int,
-                     threshold: float | list[float] | None) -> dict[str, Any]:
+                     threshold: float | list[float] | None, answers: fl.Answers | None = None) -> dict[str, Any]:
     """The quality of a cache of ``capacity`` entries at ``context`` three ways: the plain ``threshold`` whose
     predicted fill it is (a growing cache, no overflow), and the model's own thresholds with that capacity under
     ``evict`` and under ``drop``. Measured on the documents (W bytes each) with chunked prefill
     (``fill.POLICY_CHUNK`` tokens a call); when W < context the capacity is scaled to the same share of the
-    sequence, round(capacity * W / context)."""
+    sequence, round(capacity * W / context). With ``answers`` (recall documents) each also gives recall accuracy."""
     w = docs.shape[1] - 1
     scaled = max(1, round(capacity * w / context)) if context > w else capacity
     result: dict[str, Any] = {"capacity": capacity, "window": w, "capacity_in_window": scaled,
                               "documents": docs.shape[0], "decode": f"prefill, {fl.POLICY_CHUNK} tokens a call"}
     if threshold is not None:
-        result["threshold"] = {"threshold": threshold, **fl.policy_quality(model, docs, threshold, None, "drop")}
+        result["threshold"] = {"threshold": threshold,
+                               **fl.policy_quality(model, docs, threshold, None, "drop", answers=answers)}
     for policy in ("evict", "drop"):
         result[policy] = {"threshold": list(model.cfg.thresholds),
-                          **fl.policy_quality(model, docs, None, scaled, policy)}
+                          **fl.policy_quality(model, docs, None, scaled, policy, answers=answers)}
     if threshold is not None:
         result["evict_cost_bits_per_byte"] = result["evict"]["bits_per_byte"] - result["threshold"]["bits_per_byte"]
+        if answers is not None:
+            result["evict_cost_recall_accuracy"] = (result["evict"]["recall_accuracy"]
+                                                    - result["threshold"]["recall_accuracy"])
     return result
 
 
 def plot_report(report: MemoryReport, path: str | Path) -> Path:
-    """A PNG of total and KV memory (left axis) and bits per byte (right axis) against threshold, with the budget."""
+    """A PNG of total and KV memory (left axis) and quality (right axis: bits per byte, or recall accuracy) against
+    threshold, with the budget."""
     try:
         import matplotlib
     except ImportError:
@@ -252,10 +276,13 @@ def plot_report(report: MemoryReport, path: str | Path) -> Path:
     ax.set_xlabel("threshold tau (all layers)")
     ax.set_ylabel(f"MiB (batch {report.batch}, {report.dtype}, context {report.context})")
     quality = ax.twinx()
-    quality.plot(x, [r.bits_per_byte for r in rows], "^-", color="tab:orange", label="bits per byte")
-    quality.axhline(report.own.bits_per_byte, color="tab:orange", alpha=0.4, ls="--",
-                    label="bits per byte, own thresholds")
-    quality.set_ylabel("bits per byte (lower is better)")
+    if report.task is None:
+        measure, name, better = (lambda r: r.bits_per_byte), "bits per byte", "lower"
+    else:
+        measure, name, better = (lambda r: r.recall_accuracy), "recall accuracy", "higher"
+    quality.plot(x, [measure(r) for r in rows], "^-", color="tab:orange", label=name)
+    quality.axhline(measure(report.own), color="tab:orange", alpha=0.4, ls="--", label=f"{name}, own thresholds")
+    quality.set_ylabel(f"{name} ({better} is better)")
     lines = ax.get_legend_handles_labels()
     more = quality.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="center left")

@@ -17,6 +17,7 @@ the text around them it need not cache.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -144,6 +145,14 @@ def sampler(tasks: Sequence[RecallTask], text: bytes, stage_steps: int = 0
         return batch.tokens, batch.targets
 
     return sample
+
+
+def trained_task(metadata: dict) -> RecallTask:
+    """The task a checkpoint's metadata names (``"recall"``, as ``examples/train_recall.py`` writes it), else the
+    default task."""
+    trained = metadata.get("recall") if isinstance(metadata.get("recall"), dict) else {}
+    fields = {f.name for f in dataclasses.fields(RecallTask)}
+    return RecallTask(**{k: v for k, v in trained.items() if k in fields and isinstance(v, int)})
 
 
 @dataclass(frozen=True)

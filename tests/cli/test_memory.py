@@ -192,3 +192,65 @@ def test_prediction_matches_ort_decode(tmp_path, ops):
     rows = verify_ort(artifact, TEXT * 2, 512, [0.5], steps=4)
     assert rows[0]["state_bytes"] == rows[0]["predicted_state_bytes"]
     assert abs(rows[0]["relative_difference"]) <= 0.05, rows[0]
+
+
+RECALL = dict(pairs=4, queries=3, key_len=2, value_len=2, gap=0)
+
+
+def test_recall_documents_hold_the_task_and_score_exact_values():
+    from ham_export.core.data import pydoc_corpus
+    from ham_export.train.recall import IGNORE, RecallTask
+
+    task = RecallTask(context=999, **RECALL)  # the context is the window's, not the task's
+    docs, answers = fl.recall_documents(task, pydoc_corpus().held_out, 80, 3, seed=5)
+    assert docs.shape == (3, 81) and answers.targets.shape == (3, 80)
+    asked = answers.targets != IGNORE
+    assert int(asked.sum()) == 3 * 3 * 2
+    assert torch.equal(answers.targets[asked], docs[:, 1:][asked])  # each answer is the next byte
+    oracle = torch.where(asked, answers.targets, 0)
+    assert answers.accuracy(oracle) == 1.0
+    first_byte_wrong = oracle.clone()
+    rows, cols = asked.nonzero(as_tuple=True)
+    first_byte_wrong[rows[::2], cols[::2]] += 1  # every value's first byte
+    assert answers.accuracy(first_byte_wrong) == 0.0
+    again, _ = fl.recall_documents(task, pydoc_corpus().held_out, 80, 3, seed=5)
+    assert torch.equal(docs, again)
+
+
+def test_a_recall_report_chooses_the_most_accurate_threshold_that_fits():
+    from ham_export.core.data import pydoc_corpus
+    from ham_export.train.recall import RecallTask
+
+    model = make_small_model()
+    task = RecallTask(**RECALL)
+    n = model.num_parameters()
+    budget = mem.estimate(model.cfg, n, 1, 200, "fp32").total_bytes  # a cache of 200 entries fits, 256 does not
+    report = memory_report(model, pydoc_corpus().held_out, 256, thresholds=[-1.0, 0.5, 3.0], budget=budget, window=64,
+                           max_docs=4, task=task, fast=False)
+    data = report.to_dict()
+    assert data["task"]["name"] == "recall" and data["task"]["context"] == 64
+    assert all(0.0 <= r["recall_accuracy"] <= 1.0 for r in data["rows"])
+    fitting = [r for r in report.rows if r.fits]
+    assert report.rows[0].fits is False  # every token cached: 256 entries
+    best = max(r.recall_accuracy for r in fitting)
+    assert report.budget.best.recall_accuracy == best
+    assert "recall_accuracy" in report.policy_comparison["evict"]
+
+
+def test_cli_memory_task_recall(tmp_path):
+    from ham_export.core import checkpoint
+
+    model = make_small_model()
+    path = checkpoint.save_pt(model, tmp_path / "m.pt", {"recall": {**RECALL, "context": 64}})
+    result = CliRunner().invoke(main, ["memory", str(path), "--task", "recall", "--context", "512", "--window", "96",
+                                       "--docs", "3", "--thresholds", "-1,3", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["task"] == {"name": "recall", **RECALL, "context": 96, "seed": 1234}
+    assert [r["threshold"] for r in data["rows"]] == [-1.0, 3.0]
+    assert all(r["recall_accuracy"] is not None for r in data["rows"])
+    text = CliRunner().invoke(main, ["memory", str(path), "--task", "recall", "--context", "512", "--window", "96",
+                                     "--docs", "3", "--thresholds", "-1,3"])
+    assert text.exit_code == 0 and "recall" in text.output
+    tight = CliRunner().invoke(main, ["memory", str(path), "--task", "recall", "--window", "20", "--docs", "2"])
+    assert tight.exit_code == 2 and "recall:" in tight.output  # 7 records of 6 bytes do not fit in 20
