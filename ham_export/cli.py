@@ -458,17 +458,23 @@ def memory(model: str, artifact: str | None, context: int, batch: int, dtype: st
     dtype = dtype or "fp32"
     text, source = (read_text_file(data), data) if data else (pydoc_corpus().held_out, "held-out pydoc topics")
     recall = None
+    docs = docs or (16 if task == "recall" else 4)
     if task == "recall":
-        from .train.recall import trained_task
+        import dataclasses
 
-        recall = trained_task(ckpt.metadata)
+        from .memory.fill import Answers
+        from .train.recall import recall_documents, trained_task
+
+        recall_task, seed, length = trained_task(ckpt.metadata), 1234, min(window, context)
+        tokens, targets = recall_documents(recall_task, text, length, docs, seed)
+        recall = (tokens, Answers(targets, recall_task.value_len),
+                  {"name": "recall", **dataclasses.asdict(recall_task), "context": length, "seed": seed})
         source = f"recall sequences in {source}"
-    docs = docs or (16 if recall else 4)
     with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
         available = docs if recall else min(docs, max(1, (len(text) - 1) // min(window, context)))
         bar_task = bar.add_task("measuring fill", total=available * (len(thresholds) + 1))
         report = memory_report(ckpt.model, text, context, batch, dtype, thresholds, budget_bytes, window, docs,
-                               str(ckpt.path), source, progress=lambda n: bar.advance(bar_task, n), task=recall)
+                               str(ckpt.path), source, progress=lambda n: bar.advance(bar_task, n), recall=recall)
     if artifact is not None and manifest.backend == "tensorrt":
         from .memory.engine import tensorrt_memory
 

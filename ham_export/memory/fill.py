@@ -75,33 +75,17 @@ class FillRun:
 
 @dataclass(frozen=True)
 class Answers:
-    """What recall documents ask: ``targets`` [D, W] the byte to predict at each position (``IGNORE`` where nothing
-    is asked), in values of ``value_len`` consecutive positions."""
+    """What recall documents ask: ``targets`` [D, W] the byte to predict at each position (negative where nothing is
+    asked), in values of ``value_len`` consecutive positions."""
 
     targets: torch.Tensor
     value_len: int
 
     def accuracy(self, predictions: torch.Tensor) -> float:
         """Exact-match accuracy of ``predictions`` [D, W] (argmax bytes): a value is right when all its bytes are."""
-        from ..train.recall import IGNORE
-
-        asked = self.targets != IGNORE
+        asked = self.targets >= 0
         hit = (predictions == self.targets)[asked].view(-1, self.value_len).all(dim=1)
         return float(hit.double().mean()) if hit.numel() else 0.0
-
-
-def recall_documents(task, text: bytes, window: int, count: int, seed: int = 1234
-                     ) -> tuple[torch.Tensor, Answers]:
-    """``count`` sequences of the recall task ``task`` (:class:`~ham_export.train.recall.RecallTask`) of ``window``
-    bytes, drawn from ``seed`` with ``text`` as distractor, as documents [D, window + 1] (inputs and next bytes) and
-    the answers they ask."""
-    import dataclasses
-
-    from ..train.recall import clean_text, make_batch
-
-    full = dataclasses.replace(task, context=window + 1)
-    batch = make_batch(full, clean_text(text), count, torch.Generator().manual_seed(seed))
-    return batch.tokens, Answers(batch.targets[:, :-1], task.value_len)
 
 
 def _grow(state: list[LayerState], capacity: int) -> list[LayerState]:

@@ -5,7 +5,6 @@ quality cost of a budget-safe cache (fixed capacity, ``evict`` policy) against t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -147,14 +146,14 @@ def parse_thresholds(text: str) -> list[float]:
 def memory_report(model: HAMLM, data: bytes, context: int, batch: int = 1, dtype: str = "fp32",
                   thresholds: Sequence[float] = SWEEP, budget: int | None = None, window: int = DEFAULT_WINDOW,
                   max_docs: int = DEFAULT_DOCS, model_name: str = "", data_name: str = "",
-                  progress: Callable[[int], None] | None = None, fast: bool = True, task=None,
-                  seed: int = 1234) -> MemoryReport:
+                  progress: Callable[[int], None] | None = None, fast: bool = True,
+                  recall: tuple[Any, fl.Answers, dict[str, Any]] | None = None) -> MemoryReport:
     """Measure the fill and quality at each threshold (and the model's own), model the memory at ``context``, and
     choose against ``budget``. ``progress`` is called with the documents done.
 
-    ``task``: a :class:`~ham_export.train.recall.RecallTask`: the documents are ``max_docs`` sequences of that task
-    of ``window`` bytes (from ``seed``, ``data`` the distractor text), quality is recall accuracy, and the budget's
-    choice is the most accurate threshold that fits (else: the lowest bits per byte on text)."""
+    ``recall``: (documents [D, W + 1], their answers, the task's description) of the recall task
+    (:func:`ham_export.train.recall.recall_documents`) measured instead of ``data``'s windows; quality is then recall
+    accuracy, and the budget's choice the most accurate threshold that fits (else: the lowest bits per byte)."""
     if context < 1 or batch < 1:
         raise InputError(f"need context >= 1 and batch >= 1, got context={context}, batch={batch}")
     if dtype not in mem.DTYPES:
@@ -170,11 +169,7 @@ def memory_report(model: HAMLM, data: bytes, context: int, batch: int = 1, dtype
                 f"{format_size(floor)}: weights {format_size(fixed.weights_bytes)} + fixed state "
                 f"{format_size(fixed.state_bytes)} for batch {batch} in {dtype} + the cache and workspace; "
                 f"no threshold or capacity can fit it")
-    answers = None
-    if task is None:
-        docs = fl.documents(data, window, max_docs)
-    else:
-        docs, answers = fl.recall_documents(task, data, window, max_docs, seed)
+    docs, answers, task = (fl.documents(data, window, max_docs), None, None) if recall is None else recall
     runner = fl.fast_runner(model, docs.shape[1] - 1) if fast else None
     try:
         runs = fl.measure_fill(model, docs, [None, *thresholds], progress=progress, runner=runner, answers=answers)
@@ -193,8 +188,7 @@ def memory_report(model: HAMLM, data: bytes, context: int, batch: int = 1, dtype
     report = MemoryReport(model_name, data_name, context, batch, dtype, docs.shape[1] - 1, docs.shape[0], rows,
                           row(runs[0]), fl.extrapolation_check(runs[0].counts), backends=backend_notes(),
                           fill_runner="eager" if runner is None else "onnxruntime (custom ops)",
-                          task=None if task is None else {"name": "recall", **dataclasses.asdict(task),
-                                                          "context": docs.shape[1] - 1, "seed": seed})
+                          task=task)
     if budget is not None:
         for r in [*rows, report.own]:
             r.fits = r.memory.total_bytes <= budget

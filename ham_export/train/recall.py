@@ -147,6 +147,16 @@ def sampler(tasks: Sequence[RecallTask], text: bytes, stage_steps: int = 0
     return sample
 
 
+def recall_documents(task: RecallTask, text: bytes, window: int, count: int, seed: int = 1234
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` sequences of ``task`` of ``window`` bytes drawn from ``seed`` with ``text`` as distractor, in the
+    memory report's document form: tokens [D, window + 1] (inputs and next bytes) and the targets [D, window]
+    (``IGNORE`` where nothing is asked)."""
+    full = dataclasses.replace(task, context=window + 1)
+    batch = make_batch(full, clean_text(text), count, torch.Generator().manual_seed(seed))
+    return batch.tokens, batch.targets[:, :-1]
+
+
 def trained_task(metadata: dict) -> RecallTask:
     """The task a checkpoint's metadata names (``"recall"``, as ``examples/train_recall.py`` writes it), else the
     default task."""

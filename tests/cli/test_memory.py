@@ -199,10 +199,11 @@ RECALL = dict(pairs=4, queries=3, key_len=2, value_len=2, gap=0)
 
 def test_recall_documents_hold_the_task_and_score_exact_values():
     from ham_export.core.data import pydoc_corpus
-    from ham_export.train.recall import IGNORE, RecallTask
+    from ham_export.train.recall import IGNORE, RecallTask, recall_documents
 
     task = RecallTask(context=999, **RECALL)  # the context is the window's, not the task's
-    docs, answers = fl.recall_documents(task, pydoc_corpus().held_out, 80, 3, seed=5)
+    docs, targets = recall_documents(task, pydoc_corpus().held_out, 80, 3, seed=5)
+    answers = fl.Answers(targets, task.value_len)
     assert docs.shape == (3, 81) and answers.targets.shape == (3, 80)
     asked = answers.targets != IGNORE
     assert int(asked.sum()) == 3 * 3 * 2
@@ -213,20 +214,22 @@ def test_recall_documents_hold_the_task_and_score_exact_values():
     rows, cols = asked.nonzero(as_tuple=True)
     first_byte_wrong[rows[::2], cols[::2]] += 1  # every value's first byte
     assert answers.accuracy(first_byte_wrong) == 0.0
-    again, _ = fl.recall_documents(task, pydoc_corpus().held_out, 80, 3, seed=5)
+    again, _ = recall_documents(task, pydoc_corpus().held_out, 80, 3, seed=5)
     assert torch.equal(docs, again)
 
 
 def test_a_recall_report_chooses_the_most_accurate_threshold_that_fits():
     from ham_export.core.data import pydoc_corpus
-    from ham_export.train.recall import RecallTask
+    from ham_export.train.recall import RecallTask, recall_documents
 
     model = make_small_model()
     task = RecallTask(**RECALL)
+    docs, targets = recall_documents(task, pydoc_corpus().held_out, 64, 4)
+    recall = (docs, fl.Answers(targets, task.value_len), {"name": "recall", "context": 64})
     n = model.num_parameters()
     budget = mem.estimate(model.cfg, n, 1, 200, "fp32").total_bytes  # a cache of 200 entries fits, 256 does not
     report = memory_report(model, pydoc_corpus().held_out, 256, thresholds=[-1.0, 0.5, 3.0], budget=budget, window=64,
-                           max_docs=4, task=task, fast=False)
+                           max_docs=4, recall=recall, fast=False)
     data = report.to_dict()
     assert data["task"]["name"] == "recall" and data["task"]["context"] == 64
     assert all(0.0 <= r["recall_accuracy"] <= 1.0 for r in data["rows"])
