@@ -295,6 +295,7 @@ def bench(artifacts: Sequence[str], context: int, fills: Sequence[Fill], batches
         configs = []
         for artifact, runner in zip(artifacts, runners, strict=True):
             cfg = runner.manifest.model
+            n_params = parameters(cfg)
             for fill in fills:
                 fractions = (own_fractions(runner, measure) if fill.fraction is None
                              else [fill.fraction] * cfg.n_layers)
@@ -304,7 +305,7 @@ def bench(artifacts: Sequence[str], context: int, fills: Sequence[Fill], batches
                                     round(sum(entries) / len(entries)), batch, context, entries)
                     state = filled_state(runner, batch, entries)
                     row.state_bytes = sum(t.numel() * t.element_size() for t in runner.state_tensors(state))
-                    memory = mem.estimate(cfg, parameters(cfg), batch, runner.capacity, runner.dtype)
+                    memory = mem.estimate(cfg, n_params, batch, runner.capacity, runner.dtype)
                     row.kv_bytes, row.total_bytes = memory.kv_bytes, memory.total_bytes
                     row.threshold = (float(fill.threshold) if fill.threshold is not None
                                      else list(runner.manifest.thresholds))

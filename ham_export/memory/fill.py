@@ -176,7 +176,8 @@ def measure_fill(model: HAMLM, docs: torch.Tensor, thresholds: Sequence[float | 
             logits, routed = prefill(batch[:, :-1], tau)
             nll += float(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
             counts.append(routed.to(torch.float64).cumsum(-1))
-            predictions.append(logits.argmax(-1))
+            if answers is not None:
+                predictions.append(logits.argmax(-1))
             if progress is not None:
                 progress(batch.shape[0])
         asked = [float(t) for t in tau.tolist()]
@@ -315,7 +316,8 @@ def policy_quality(model: HAMLM, docs: torch.Tensor, thresholds: float | list[fl
                 state = _grow(state, max(need, 2 * state[0].k_cache.shape[2]))
         logits, state, routes = model.prefill(piece, state, tau, "error" if capacity is None else policy)
         nll += float(F.cross_entropy(logits.flatten(0, 1), targets[:, lo: lo + chunk].flatten(), reduction="sum"))
-        predictions.append(logits.argmax(-1))
+        if answers is not None:
+            predictions.append(logits.argmax(-1))
         routed += sum(float(r.routed.sum()) for r in routes)
         overflow += sum(float(r.overflow.sum()) for r in routes)
     model.train(was_training)
